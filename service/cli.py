@@ -1,0 +1,223 @@
+"""The `t2i` command. Heavy imports (torch, diffusers) happen inside the commands that need them.
+
+    t2i generate --pipeline flux --encoder t5-base --prompt "a red fox in snow" --seed 7 -o fox.png
+    t2i models list | make-demo DIR | sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from service.errors import T2IError, ValidationError
+from service.settings import get_settings
+
+log = logging.getLogger("t2i")
+
+IMAGE_FORMATS = {".png": "PNG", ".webp": "WEBP", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+# -- shared set-up ---------------------------------------------------------------------------------------------
+def _quiet_libraries() -> None:
+    """Library progress bars and save-time notices are noise on a command line."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+
+
+def models_file(args: argparse.Namespace) -> Path:
+    """The configured models file, or the embedded demo kit (built on first use)."""
+    settings = get_settings()
+    chosen = getattr(args, "models_file", None) or settings.models_file
+    if chosen is not None:
+        return Path(chosen)
+    demo = settings.demo_dir
+    if not (demo / "models.yaml").exists():
+        from service.models.demo import ensure_demo
+
+        print(f"building the demo model kit at {demo} (once)", file=sys.stderr)
+        ensure_demo(demo)
+    return demo / "models.yaml"
+
+
+def torch_setup(args: argparse.Namespace) -> None:
+    from service.models.devices import set_threads
+
+    _quiet_libraries()
+    set_threads(getattr(args, "threads", None) or get_settings().threads)
+
+
+# -- commands --------------------------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> None:
+    out = Path(args.output)
+    fmt = IMAGE_FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise ValidationError(
+            f"`--output` {str(out)!r} has extension {out.suffix!r}; use one of {', '.join(IMAGE_FORMATS)}",
+            field="output",
+        )
+    torch_setup(args)
+    from service.models.generation import GenerationRequest, Generator
+    from service.models.registry import Registry
+
+    registry = Registry.from_file(models_file(args))
+    generator = Generator(registry, device=args.device, encoder_device=args.encoder_device)
+    request = GenerationRequest(
+        prompt=args.prompt, pipeline=args.pipeline, encoder=args.encoder, width=args.width, height=args.height,
+        steps=args.steps, guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt,
+        num_images=args.num_images,
+    )
+    result = generator.generate(request)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    paths = [out] if len(result.images) == 1 else [
+        out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(result.images))
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for image, path in zip(result.images, paths):
+        image.save(path, format=fmt)
+    timings = " ".join(f"{k}={v * 1000:.1f}ms" for k, v in result.timings.items())
+    print(f"wrote {', '.join(map(str, paths))} (seed {result.seed}; {timings})")
+
+
+def cmd_models_list(args: argparse.Namespace) -> None:
+    torch_setup(args)
+    from service.models.registry import Registry
+    from service.models.sizes import encoder_row, pipeline_row
+
+    registry = Registry.from_file(models_file(args))
+    rows = [("pipeline", pipeline_row(s)) for s in registry.pipelines.values()]
+    rows += [("encoder", encoder_row(s)) for s in registry.encoders.values()]
+    if args.json:
+        print(json.dumps([{"type": t, **r.__dict__} for t, r in rows], indent=2))
+        return
+    _print_table(
+        ["type", "name", "params", "bytes", "dtype", "width", "device", "source", "note"],
+        [[t, r.name, _count(r.params), _size(r.bytes), r.dtype, r.width or "?", r.device, r.source, r.note]
+         for t, r in rows],
+    )
+
+
+def cmd_models_sizes(args: argparse.Namespace) -> None:
+    torch_setup(args)
+    from service.models.sizes import reference_rows
+
+    rows = reference_rows()
+    xxl = next(r for r in rows if r.name == "t5-xxl")
+    _print_table(
+        ["architecture", "params", "bf16 bytes", "width", "xxl/this"],
+        [[r.name, _count(r.params), _size(r.bytes), r.width, f"{xxl.params / r.params:.1f}x"] for r in rows],
+    )
+
+
+def cmd_models_make_demo(args: argparse.Namespace) -> None:
+    torch_setup(args)
+    from service.models.demo import make_demo
+
+    try:
+        out = make_demo(args.dir, overwrite=args.overwrite)
+    except FileExistsError as exc:
+        raise ValidationError(str(exc), field="DIR") from None
+    print(f"wrote the demo model kit to {out}; use it with T2I_MODELS_FILE={out / 'models.yaml'}")
+
+
+# -- formatting ------------------------------------------------------------------------------------------------
+def _count(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def _print_table(header: list[str], rows: list[list]) -> None:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+# -- parser ----------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2i", description="Text-to-image with a choice of T5 text encoder.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--models-file", type=Path, help="models file (default: $T2I_MODELS_FILE or the demo kit)")
+    common.add_argument("--threads", type=int, help="CPU threads for torch (default: $T2I_THREADS or 1)")
+
+    gen = sub.add_parser("generate", parents=[common], help="generate an image")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--pipeline", default="flux", help="registry name of the pipeline (default: flux)")
+    gen.add_argument("--encoder", default=None, help="registry name of the T5 encoder (default: the teacher)")
+    gen.add_argument("-o", "--output", default="out.png", help="image path (.png, .webp, .jpg)")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance", type=float)
+    gen.add_argument("--negative-prompt", help="sd3 only")
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--device", help="device of the denoiser (default: the models file's; auto = cuda if present)")
+    gen.add_argument("--encoder-device", help="device of the T5 encoder (e.g. cpu beside a cuda denoiser)")
+    gen.set_defaults(func=cmd_generate)
+
+    models = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True)
+    lst = models.add_parser("list", parents=[common], help="every pipeline and encoder known, with sizes")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_models_list)
+    demo = models.add_parser("make-demo", parents=[common], help="write the offline demo model kit to DIR")
+    demo.add_argument("dir", metavar="DIR", type=Path)
+    demo.add_argument("--overwrite", action="store_true", help="replace DIR if it is not empty")
+    demo.set_defaults(func=cmd_models_make_demo)
+    sizes = models.add_parser("sizes", parents=[common], help="real-size architectures counted on the meta device")
+    sizes.set_defaults(func=cmd_models_sizes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if getattr(args, "encoder", "unset") is None:
+            args.encoder = _default_encoder(args)
+        args.func(args)
+    except T2IError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _default_encoder(args: argparse.Namespace) -> str:
+    from service.models.registry import Registry
+
+    teacher = Registry.from_file(models_file(args)).teacher
+    if teacher is None:
+        raise ValidationError("`--encoder` is required: the models file registers no teacher", field="encoder")
+    return teacher.name
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""The demo model kit: a complete, self-contained model set built from configs, with no network.
+
+`t2i models make-demo DIR` writes:
+
+    DIR/models.yaml                 the models file that registers everything below
+    DIR/pipelines/flux/             a tiny FluxPipeline (transformer, VAE, CLIP-L role), T5 slot empty
+    DIR/pipelines/sd3/              a tiny StableDiffusion3Pipeline (transformer, VAE, two CLIPs), T5 slot empty
+    DIR/encoders/t5-xxl/            the teacher: a T5EncoderModel + tokenizer (the widest)
+    DIR/encoders/t5-{large,base,small}/   students (T5EncoderWithProjection) sharing the teacher's tokenizer
+
+Weights are random but deterministic: the same command gives byte-identical weight and tokenizer files. The kit is
+the embedded default whenever no models file is configured, and what the tests use.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config
+from transformers import T5EncoderModel, T5Tokenizer
+
+from service.models.student import T5EncoderWithProjection
+
+TEACHER_WIDTH = 64
+CLIP_WIDTH = 32
+DEMO_SIZE = 64  # pixels; the VAE downsamples by 4 and FLUX packs 2x2, so sizes are multiples of 8
+
+
+@dataclass(frozen=True)
+class T5Size:
+    """One encoder role of the kit. Widths shrink like T5-XXL -> large -> base -> small, in miniature."""
+
+    role: str
+    d_model: int
+    num_layers: int
+    num_heads: int
+    d_ff: int
+
+
+TEACHER = T5Size("t5-xxl", TEACHER_WIDTH, 4, 4, 160)
+STUDENTS = (
+    T5Size("t5-large", 48, 3, 4, 96),
+    T5Size("t5-base", 32, 2, 2, 64),
+    T5Size("t5-small", 16, 1, 2, 32),
+)
+
+# Whole-word pieces for the words prompts use most; every other word falls back to single characters.
+_WORDS = """
+a an the of and with in on at by to from for under over above below behind beside next near between left right top
+bottom center centre middle front back inside outside holding reading sign says saying text word words letters
+red orange yellow green blue purple pink brown black white gray grey gold silver cyan magenta violet teal
+circle square triangle rectangle star heart diamond hexagon oval cube sphere cone cylinder shape shapes
+small large big tiny huge little tall short long round flat bright dark light soft hard shiny wooden metal glass
+one two three four five six seven eight nine ten many several some
+fox dog cat bird horse cow sheep lion tiger bear wolf rabbit mouse fish owl duck eagle elephant giraffe zebra
+man woman person people child boy girl robot astronaut chef wizard knight king queen
+tree trees flower flowers grass forest mountain mountains river lake sea ocean beach sky cloud clouds sun moon
+snow rain city street house building castle tower bridge road car bus train boat plane bicycle
+table chair bed book cup bowl plate bottle vase lamp clock window door wall floor room kitchen garden
+apple banana orange cake bread pizza coffee tea
+photo photograph painting drawing portrait landscape style art digital oil watercolor sketch render realistic
+detailed beautiful cinematic lighting night day morning sunset sunrise winter summer spring autumn
+is are has have sitting standing walking running flying swimming playing wearing looking
+""".split()
+_CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:'\"!?-()&/")
+
+
+def build_t5_tokenizer() -> T5Tokenizer:
+    """A unigram T5 tokenizer from an explicit vocabulary: identical ids in every process, unlike a trained one."""
+    pieces: dict[str, float] = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "\u2581": -3.0}
+    for word in _WORDS:
+        pieces.setdefault("\u2581" + word, -1.0)
+    for char in _CHARS:
+        pieces.setdefault("\u2581" + char, -4.0)
+        pieces.setdefault(char, -5.0)
+    return T5Tokenizer(vocab=list(pieces.items()), extra_ids=8)
+
+
+def build_clip_tokenizer() -> CLIPTokenizer:
+    """A byte-pair CLIP tokenizer over lower-case characters with merges for the common words."""
+    chars = sorted({c.lower() for c in _CHARS})
+    vocab: dict[str, int] = {}
+    for char in chars:
+        vocab.setdefault(char, len(vocab))
+    for char in chars:
+        vocab.setdefault(char + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in _WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            merge = (symbols[0], symbols[1])
+            if merge not in merges:
+                merges.append(merge)
+            symbols = [symbols[0] + symbols[1]] + symbols[2:]
+            vocab.setdefault(symbols[0], len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _t5_config(size: T5Size, vocab_size: int) -> T5Config:
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=size.d_model,
+        d_kv=size.d_model // size.num_heads,
+        d_ff=size.d_ff,
+        num_layers=size.num_layers,
+        num_heads=size.num_heads,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
+
+
+def build_teacher(tokenizer: T5Tokenizer, seed: int = 0) -> T5EncoderModel:
+    torch.manual_seed(seed)
+    return T5EncoderModel(_t5_config(TEACHER, len(tokenizer))).eval()
+
+
+def build_student(size: T5Size, tokenizer: T5Tokenizer, seed: int) -> T5EncoderWithProjection:
+    torch.manual_seed(seed)
+    config = _t5_config(size, len(tokenizer))
+    config.project_in_dim = size.d_model
+    config.project_out_dim = TEACHER_WIDTH
+    config.architectures = [T5EncoderWithProjection.__name__]
+    return T5EncoderWithProjection(config).eval()
+
+
+def _clip_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=CLIP_WIDTH,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        projection_dim=CLIP_WIDTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_act="gelu",
+    )
+
+
+def _vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=DEMO_SIZE,
+        scaling_factor=1.5035,
+        shift_factor=0.0609,  # FLUX decoding needs a shift factor; None crashes it
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def build_flux(clip_tokenizer: CLIPTokenizer, seed: int = 10) -> FluxPipeline:
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * 4,  # 2x2 packing of 4 latent channels
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TEACHER_WIDTH,
+        pooled_projection_dim=CLIP_WIDTH,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    torch.manual_seed(seed + 1)
+    vae = _vae()
+    torch.manual_seed(seed + 2)
+    clip = CLIPTextModel(_clip_config(clip_tokenizer)).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+
+
+def build_sd3(clip_tokenizer: CLIPTokenizer, seed: int = 20) -> StableDiffusion3Pipeline:
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=DEMO_SIZE // 4,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=TEACHER_WIDTH,
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * CLIP_WIDTH,
+        out_channels=4,
+        pos_embed_max_size=DEMO_SIZE,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _vae()
+    torch.manual_seed(seed + 2)
+    clip_l = CLIPTextModelWithProjection(_clip_config(clip_tokenizer)).eval()
+    torch.manual_seed(seed + 3)
+    clip_g = CLIPTextModelWithProjection(_clip_config(clip_tokenizer)).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=clip_l,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=clip_g,
+        tokenizer_2=clip_tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def models_file_dict() -> dict:
+    """The demo kit's models file, with sources relative to it."""
+    common = {"dtype": "auto", "device": "auto", "width": DEMO_SIZE, "height": DEMO_SIZE, "steps": 4}
+    encoders = {TEACHER.role: {"kind": "teacher", "source": f"./encoders/{TEACHER.role}", "max_sequence_length": 32}}
+    for size in STUDENTS:
+        encoders[size.role] = {"kind": "student", "source": f"./encoders/{size.role}", "max_sequence_length": 32}
+    return {
+        "pipelines": {
+            "flux": {"family": "flux", "source": "./pipelines/flux", "guidance": 3.5, **common},
+            "sd3": {"family": "sd3", "source": "./pipelines/sd3", "guidance": 5.0, **common},
+        },
+        "encoders": encoders,
+    }
+
+
+def make_demo(out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the kit to `out_dir` (built in a sibling temp dir, then moved, so a half-built kit is never seen)."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True / --overwrite)")
+    tmp = out_dir.with_name(out_dir.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    # 1. Tokenizers, shared by every role that uses them.
+    t5_tokenizer = build_t5_tokenizer()
+    clip_tokenizer = build_clip_tokenizer()
+
+    # 2. Text encoders: the teacher, then the students, each with the teacher's tokenizer beside it.
+    teacher_dir = tmp / "encoders" / TEACHER.role
+    build_teacher(t5_tokenizer).save_pretrained(teacher_dir)
+    t5_tokenizer.save_pretrained(teacher_dir)
+    for index, size in enumerate(STUDENTS, start=1):
+        student_dir = tmp / "encoders" / size.role
+        build_student(size, t5_tokenizer, seed=index).save_pretrained(student_dir)
+        t5_tokenizer.save_pretrained(student_dir)
+
+    # 3. Pipelines, with the T5 slot left empty: the encoder is chosen per call.
+    build_flux(clip_tokenizer).save_pretrained(tmp / "pipelines" / "flux")
+    build_sd3(clip_tokenizer).save_pretrained(tmp / "pipelines" / "sd3")
+
+    # 4. The models file.
+    (tmp / "models.yaml").write_text(
+        "# The demo model kit, written by `t2i models make-demo`. Paths are relative to this file.\n"
+        + yaml.safe_dump(models_file_dict(), sort_keys=False)
+    )
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def ensure_demo(out_dir: str | Path) -> Path:
+    """Build the kit at `out_dir` unless it is already there (the embedded default's first run)."""
+    out_dir = Path(out_dir).expanduser()
+    if (out_dir / "models.yaml").exists():
+        return out_dir
+    return make_demo(out_dir, overwrite=True)

@@ -1,0 +1,130 @@
+"""The denoiser side of a pipeline: transformer, VAE, CLIP encoders and scheduler, with the T5 slot left empty.
+
+It is assembled once per worker with the stock diffusers pipeline class (`FluxPipeline`,
+`StableDiffusion3Pipeline`) and is handed T5 embeddings computed elsewhere, so any encoder whose output width equals
+the transformer's `joint_attention_dim` can drive it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
+
+from service.errors import ModelLoadError, ValidationError
+from service.models.devices import module_bytes, module_params, resolve_device, resolve_dtype
+from service.models.registry import PipelineSpec
+
+# family -> (pipeline class, the keyword of its T5 slot(s) to leave empty)
+FAMILIES: dict[str, tuple[type[DiffusionPipeline], dict[str, None]]] = {
+    "flux": (FluxPipeline, {"text_encoder_2": None, "tokenizer_2": None}),
+    "sd3": (StableDiffusion3Pipeline, {"text_encoder_3": None, "tokenizer_3": None}),
+}
+
+
+class Denoiser:
+    def __init__(self, spec: PipelineSpec, pipe: DiffusionPipeline):
+        self.spec = spec
+        self.pipe = pipe
+
+    @classmethod
+    def load(cls, spec: PipelineSpec, *, device: str | None = None) -> "Denoiser":
+        what = f"pipeline {spec.name!r}"
+        torch_device = resolve_device(device or spec.device)
+        dtype = resolve_dtype(spec.dtype, torch_device)
+        pipeline_cls, empty_t5 = FAMILIES[spec.family]
+        spec.check_local(what)
+        try:
+            pipe = pipeline_cls.from_pretrained(spec.source, dtype=dtype, **empty_t5, **spec.hf_kwargs())
+        except Exception as exc:  # missing components, corrupt weights, a repo of another family
+            raise ModelLoadError(f"{what}: cannot load {spec.describe()}: {exc}", field=what) from exc
+        pipe.to(torch_device)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(spec, pipe)
+
+    # -- facts -------------------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    @property
+    def joint_attention_dim(self) -> int:
+        return self.pipe.transformer.config.joint_attention_dim
+
+    @property
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this (FLUX packs 2x2 latents; SD3 patches them)."""
+        if self.family == "flux":
+            return self.pipe.vae_scale_factor * 2
+        return self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size
+
+    @property
+    def components(self) -> dict[str, torch.nn.Module]:
+        return {k: v for k, v in self.pipe.components.items() if isinstance(v, torch.nn.Module)}
+
+    @property
+    def num_params(self) -> int:
+        return sum(module_params(m) for m in self.components.values())
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(module_bytes(m) for m in self.components.values())
+
+    # -- checks ------------------------------------------------------------------------------------------------
+    def check_encoder_width(self, encoder_name: str, width: int) -> None:
+        if width != self.joint_attention_dim:
+            raise ModelLoadError(
+                f"encoder {encoder_name!r} outputs width {width} but pipeline {self.name!r} expects "
+                f"joint_attention_dim={self.joint_attention_dim}",
+                field="encoder",
+            )
+
+    def check_size(self, width: int, height: int) -> None:
+        m = self.size_multiple
+        for field, value in (("width", width), ("height", height)):
+            if value % m:
+                raise ValidationError(
+                    f"`{field}`={value} is not a multiple of {m}, which pipeline {self.name!r} needs", field=field
+                )
+
+    # -- conditioning ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def conditioning(
+        self, prompts: list[str], t5_embeds: torch.Tensor, negative: tuple[list[str], torch.Tensor] | None = None
+    ) -> dict[str, Any]:
+        """The pipeline keywords (`prompt_embeds`, `pooled_prompt_embeds`, negatives for SD3) for these prompts.
+
+        The CLIP half is computed by the pipeline's own CLIP helper, the T5 half is given, and they are joined the
+        way the pipeline's `encode_prompt` joins them, so the result equals the stock route bit for bit.
+        """
+        t5_embeds = t5_embeds.to(self.device, self.dtype)
+        if self.family == "flux":
+            pooled = self.pipe._get_clip_prompt_embeds(prompts, num_images_per_prompt=1, device=self.device)
+            return {"prompt_embeds": t5_embeds, "pooled_prompt_embeds": pooled}
+        embeds, pooled = self._sd3_join(prompts, t5_embeds)
+        kwargs = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if negative is not None:
+            neg_embeds, neg_pooled = self._sd3_join(negative[0], negative[1].to(self.device, self.dtype))
+            kwargs.update(negative_prompt_embeds=neg_embeds, negative_pooled_prompt_embeds=neg_pooled)
+        return kwargs
+
+    def _sd3_join(self, prompts: list[str], t5_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        clip_l, pooled_l = self.pipe._get_clip_prompt_embeds(prompts, device=self.device, clip_model_index=0)
+        clip_g, pooled_g = self.pipe._get_clip_prompt_embeds(prompts, device=self.device, clip_model_index=1)
+        clip = torch.cat([clip_l, clip_g], dim=-1)
+        clip = F.pad(clip, (0, t5_embeds.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5_embeds], dim=-2), torch.cat([pooled_l, pooled_g], dim=-1)

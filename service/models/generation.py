@@ -1,0 +1,184 @@
+"""Text-to-image generation with a T5 encoder chosen per call.
+
+The denoiser of each pipeline is assembled once and kept; encoders load on first use. `Generator.generate` is the one
+long function, written as numbered steps. Run it from the CLI:
+
+    t2i generate --pipeline flux --encoder t5-base --prompt "a red fox in snow" --seed 7 -o fox.png   # CPU or GPU
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from service.errors import CancelledError, ModelLoadError, ValidationError
+from service.models.denoiser import Denoiser
+from service.models.encoder import TextEncoder, load_tokenizer, tokenizer_fingerprint
+from service.models.registry import Registry
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One call. Fields left None take the pipeline's defaults from the models file."""
+
+    prompt: str
+    pipeline: str
+    encoder: str
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    negative_prompt: str | None = None
+    num_images: int = 1
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seed: int
+    timings: dict[str, float]  # seconds: encode (T5), clip, denoise, decode
+    warnings: list[str] = field(default_factory=list)
+
+
+StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
+
+
+class Generator:
+    """Holds the denoisers and encoders of one process. Not thread-safe: one generation at a time."""
+
+    def __init__(self, registry: Registry, *, device: str | None = None, encoder_device: str | None = None):
+        self.registry = registry
+        self.device = device
+        self.encoder_device = encoder_device
+        self.denoisers: dict[str, Denoiser] = {}
+        self.encoders: dict[str, TextEncoder] = {}
+        self._teacher_fingerprint: str | None = None
+
+    # -- components --------------------------------------------------------------------------------------------
+    def denoiser(self, name: str) -> Denoiser:
+        if name not in self.denoisers:
+            self.denoisers[name] = Denoiser.load(self.registry.pipeline(name), device=self.device)
+        return self.denoisers[name]
+
+    def encoder(self, name: str) -> TextEncoder:
+        if name not in self.encoders:
+            spec = self.registry.encoder(name)
+            encoder = TextEncoder.load(spec, device=self.encoder_device)
+            self.check_tokenizer(encoder)
+            self.encoders[name] = encoder
+        return self.encoders[name]
+
+    def check_tokenizer(self, encoder: TextEncoder) -> None:
+        """A student must tokenize exactly as the teacher does: the distillation compared per-token embeddings."""
+        teacher = self.registry.teacher
+        if teacher is None or encoder.spec.kind == "teacher":
+            return
+        if self._teacher_fingerprint is None:
+            tokenizer = load_tokenizer(teacher.tokenizer_source, f"encoder {teacher.name!r}")
+            self._teacher_fingerprint = tokenizer_fingerprint(tokenizer)
+        if encoder.fingerprint != self._teacher_fingerprint:
+            raise ModelLoadError(
+                f"encoder {encoder.name!r}: its tokenizer differs from the teacher {teacher.name!r}'s "
+                f"(fingerprint {encoder.fingerprint} vs {self._teacher_fingerprint}); a student must use the "
+                "teacher's tokenizer",
+                field="encoder",
+            )
+
+    def load(self, pipeline: str, encoder: str) -> tuple[Denoiser, TextEncoder]:
+        """Both components, checked to fit together (the check happens at load time, not deep inside a matmul)."""
+        denoiser, text_encoder = self.denoiser(pipeline), self.encoder(encoder)
+        denoiser.check_encoder_width(text_encoder.name, text_encoder.output_width)
+        return denoiser, text_encoder
+
+    # -- generation --------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        on_step: StepCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        timings: dict[str, float] = {}
+        warnings: list[str] = []
+
+        # 1. Check inputs and fill defaults from the pipeline's spec.
+        spec = self.registry.pipeline(request.pipeline)
+        self.registry.encoder(request.encoder)
+        width, height = request.width or spec.width, request.height or spec.height
+        steps = request.steps or spec.steps
+        guidance = spec.guidance if request.guidance is None else request.guidance
+        seed = secrets.randbelow(MAX_SEED) if request.seed is None else request.seed
+        if not request.prompt.strip():
+            raise ValidationError("`prompt` is empty", field="prompt")
+        if request.negative_prompt is not None and spec.family != "sd3":
+            raise ValidationError(
+                f"`negative_prompt` is used by sd3 pipelines only; {spec.name!r} is {spec.family}",
+                field="negative_prompt",
+            )
+        if not 1 <= request.num_images <= 16:
+            raise ValidationError(f"`num_images`={request.num_images} is out of range [1, 16]", field="num_images")
+
+        # 2. Components: the denoiser (kept) and the chosen encoder (loaded on first use), checked to fit.
+        denoiser, encoder = self.load(request.pipeline, request.encoder)
+        denoiser.check_size(width, height)
+
+        # 3. Encode the prompt with the chosen T5 encoder (and the negative prompt when SD3 uses CFG).
+        start = time.perf_counter()
+        use_negative = spec.family == "sd3" and guidance > 1.0
+        prompts = [request.prompt]
+        if use_negative:
+            prompts.append(request.negative_prompt or "")
+        encoded = encoder.encode(prompts)
+        timings["encode"] = time.perf_counter() - start
+        if encoded.truncated[0]:
+            warnings.append(
+                f"prompt truncated to max_sequence_length={encoder.spec.max_sequence_length} tokens of "
+                f"encoder {encoder.name!r}"
+            )
+
+        # 4. Join with the pipeline's CLIP conditioning; one copy per image.
+        start = time.perf_counter()
+        negative = ([prompts[1]], encoded.embeds[1:2]) if use_negative else None
+        cond = denoiser.conditioning([request.prompt], encoded.embeds[0:1], negative)
+        cond = {k: v.repeat_interleave(request.num_images, dim=0) for k, v in cond.items()}
+        timings["clip"] = time.perf_counter() - start
+
+        # 5. Denoise with the stock pipeline. The step callback reports progress, honours cancellation at the next
+        #    step, and marks where denoising ends so that decoding is timed apart.
+        marks = {"start": time.perf_counter()}
+
+        def step_end(pipe, step_index, timestep, callback_kwargs):
+            marks["last_step"] = time.perf_counter()
+            if on_step is not None:
+                on_step(step_index + 1, steps)
+            if should_stop is not None and should_stop():
+                raise CancelledError("job cancelled during denoising")
+            return callback_kwargs
+
+        noise = torch.Generator(device="cpu").manual_seed(seed)  # CPU noise: the same image on any device
+        output = denoiser.pipe(
+            **cond,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=noise,
+            num_images_per_prompt=1,
+            max_sequence_length=encoder.spec.max_sequence_length,
+            callback_on_step_end=step_end,
+            output_type="pil",
+        )
+        end = time.perf_counter()
+
+        # 6. Timings: denoise up to the last step, decode after it.
+        timings["denoise"] = marks.get("last_step", end) - marks["start"]
+        timings["decode"] = end - marks.get("last_step", end)
+        return GenerationResult(images=list(output.images), seed=seed, timings=timings, warnings=warnings)

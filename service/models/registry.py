@@ -1,0 +1,210 @@
+"""The model registry: named pipeline and text-encoder specs read from one models file (YAML or TOML).
+
+The CLI, the API and the trainer all read this one list. It imports no torch, so the API can use it.
+
+A models file looks like::
+
+    pipelines:
+      flux:
+        family: flux                  # flux | sd3
+        source: ./pipelines/flux      # a local directory (relative to this file) or a Hub id
+        revision: null                # Hub revision (commit, tag or branch)
+        dtype: auto                   # auto | float32 | bfloat16 | float16
+        device: auto                  # auto | cpu | cuda | cuda:N
+    encoders:
+      t5-xxl:
+        kind: teacher                 # teacher | student
+        source: ./encoders/t5-xxl
+        max_sequence_length: 512
+
+See `models.example.yaml` for the real checkpoints.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError as PydanticValidationError, model_validator
+
+from service.errors import ConfigError, UnknownNameError
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Source(BaseModel):
+    """Where weights come from: a local directory or a Hub repository id (+ revision), optionally a subfolder."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: str = Field(description="Local directory, or a Hub id such as `black-forest-labs/FLUX.1-dev`.")
+    subfolder: str | None = Field(None, description="Subfolder inside the source (e.g. `text_encoder_2`).")
+    revision: str | None = Field(None, description="Hub revision; ignored for a local directory.")
+
+    @property
+    def is_local(self) -> bool:
+        return self.source.startswith(("/", ".", "~")) or Path(self.source).exists()
+
+    def describe(self) -> str:
+        where = self.source + (f" [{self.subfolder}]" if self.subfolder else "")
+        if self.is_local:
+            return f"local {where}"
+        return f"hub {where}" + (f" @ {self.revision}" if self.revision else "")
+
+    def hf_kwargs(self) -> dict:
+        """Keyword arguments for `from_pretrained`."""
+        kwargs: dict = {}
+        if self.subfolder:
+            kwargs["subfolder"] = self.subfolder
+        if self.is_local:
+            kwargs["local_files_only"] = True
+        elif self.revision:
+            kwargs["revision"] = self.revision
+        return kwargs
+
+    def check_local(self, what: str) -> None:
+        """Refuse a local source whose directory is missing, naming it."""
+        if not self.is_local:
+            return
+        path = Path(self.source).expanduser()
+        if self.subfolder:
+            path = path / self.subfolder
+        if not path.is_dir():
+            from service.errors import ModelLoadError
+
+            raise ModelLoadError(f"{what}: weights directory {str(path)!r} does not exist", field=what)
+
+
+class PipelineSpec(Source):
+    name: str
+    family: Literal["flux", "sd3"] = Field(description="Which diffusers pipeline class the weights belong to.")
+    dtype: Dtype = "auto"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    width: int = Field(1024, ge=8, le=4096, description="Default image width in pixels.")
+    height: int = Field(1024, ge=8, le=4096, description="Default image height in pixels.")
+    steps: int = Field(28, ge=1, le=200, description="Default number of denoising steps.")
+    guidance: float = Field(3.5, ge=0.0, le=50.0, description="Default guidance scale.")
+
+
+class EncoderSpec(Source):
+    name: str
+    kind: Literal["teacher", "student"]
+    dtype: Dtype = "auto"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N; may differ from the denoiser's.")
+    max_sequence_length: int = Field(512, ge=1, le=4096, description="Token ids are padded/truncated to this.")
+    tokenizer: Source | None = Field(
+        None, description="Where the tokenizer is, if not beside the weights (e.g. FLUX's `tokenizer_2`)."
+    )
+
+    @property
+    def tokenizer_source(self) -> Source:
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return Source(source=self.source, subfolder=self.subfolder, revision=self.revision)
+
+
+class ModelsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pipelines: dict[str, dict] = Field(default_factory=dict)
+    encoders: dict[str, dict] = Field(default_factory=dict)
+
+
+class Registry(BaseModel):
+    """All known pipelines and encoders, by name."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pipelines: dict[str, PipelineSpec]
+    encoders: dict[str, EncoderSpec]
+    path: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> "Registry":
+        teachers = [e.name for e in self.encoders.values() if e.kind == "teacher"]
+        if len(teachers) > 1:
+            raise ValueError(f"encoders: at most one teacher, found {teachers}")
+        return self
+
+    # -- lookups -----------------------------------------------------------------------------------------------
+    def pipeline(self, name: str) -> PipelineSpec:
+        if name not in self.pipelines:
+            raise UnknownNameError("pipeline", name, list(self.pipelines))
+        return self.pipelines[name]
+
+    def encoder(self, name: str) -> EncoderSpec:
+        if name not in self.encoders:
+            raise UnknownNameError("encoder", name, list(self.encoders))
+        return self.encoders[name]
+
+    @property
+    def teacher(self) -> EncoderSpec | None:
+        return next((e for e in self.encoders.values() if e.kind == "teacher"), None)
+
+    # -- loading -----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Registry":
+        path = Path(path).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"models file {str(path)!r} cannot be read: {exc.strerror}", field="models_file")
+        try:
+            raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"models file {str(path)!r} is not valid {path.suffix[1:] or 'YAML'}: {exc}")
+        return cls.from_dict(raw or {}, base_dir=path.parent, path=path)
+
+    @classmethod
+    def from_dict(cls, raw: dict, *, base_dir: Path, path: Path | None = None) -> "Registry":
+        where = str(path) if path else "models file"
+        prefix: tuple = ()
+        try:
+            parsed = ModelsFile.model_validate(raw)
+            specs: dict[str, dict] = {"pipelines": {}, "encoders": {}}
+            for section, spec_cls in (("pipelines", PipelineSpec), ("encoders", EncoderSpec)):
+                for name, body in getattr(parsed, section).items():
+                    prefix = (section, name)
+                    specs[section][name] = spec_cls.model_validate(_resolve({**body, "name": name}, base_dir))
+            prefix = ()
+            return cls(pipelines=specs["pipelines"], encoders=specs["encoders"], path=path)
+        except PydanticValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in prefix + tuple(first["loc"]))
+            got = f" (got {first['input']!r})" if not isinstance(first.get("input"), dict) else ""
+            raise ConfigError(f"{where}: {loc}: {first['msg']}{got}", field=loc) from None
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+def _resolve(body: dict, base_dir: Path) -> dict:
+    """Make relative local sources absolute against the models file's directory."""
+    body = dict(body)
+    for key in ("source",):
+        value = body.get(key)
+        if isinstance(value, str) and value.startswith("."):
+            body[key] = str((base_dir / value).resolve())
+    if isinstance(body.get("tokenizer"), dict):
+        body["tokenizer"] = _resolve(body["tokenizer"], base_dir)
+    elif isinstance(body.get("tokenizer"), str):
+        body["tokenizer"] = _resolve({"source": body["tokenizer"]}, base_dir)
+    return body
+
+
+def load_registry(models_file: Path | None = None) -> Registry:
+    """The registry from `models_file`, or from settings (`T2I_MODELS_FILE`), or the embedded demo kit."""
+    from service.settings import get_settings
+
+    settings = get_settings()
+    models_file = models_file or settings.models_file
+    if models_file is None:
+        models_file = settings.demo_dir / "models.yaml"
+        if not models_file.exists():
+            raise ConfigError(
+                f"no models file configured and the demo kit is not built at {str(settings.demo_dir)!r}; "
+                "run `t2i models make-demo` (the CLI and `t2i serve` do it for you)",
+                field="models_file",
+            )
+    return Registry.from_file(models_file)

@@ -1,0 +1,69 @@
+"""The one settings class of the service. Every field is read from a `T2I_<FIELD>` environment variable.
+
+`.env.example` at the repository root documents each variable with its default. Read settings through
+`get_settings()` (cached); tests override by setting the environment and calling `get_settings.cache_clear()`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="T2I_", extra="ignore", env_ignore_empty=True)
+
+    # -- models ------------------------------------------------------------------------------------------------
+    models_file: Path | None = Field(
+        None, description="Models file (YAML or TOML). Unset: the embedded demo kit under `home`/demo."
+    )
+    home: Path = Field(Path.home() / ".cache" / "t2i-slim", description="Where the embedded demo kit is built.")
+    threads: int = Field(1, ge=1, le=512, description="CPU threads torch may use in one process.")
+
+    # -- service -----------------------------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        None, description="redis:// or rediss:// URL. Unset: `t2i serve` starts an embedded server."
+    )
+    host: str = Field("127.0.0.1", description="Address the API binds.")
+    port: int = Field(8000, ge=0, le=65535, description="Port the API binds.")
+    worker_metrics_port: int = Field(
+        9400, ge=0, le=65535, description="Port of a worker's /metrics and /healthz (0: pick a free one)."
+    )
+    worker_encoders: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="Encoders this worker serves (comma-separated). Unset: every encoder in the registry."
+    )
+    worker_pipelines: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="Pipelines this worker serves (comma-separated). Unset: every pipeline in the registry."
+    )
+    encoder_memory_budget_bytes: int = Field(
+        0, ge=0, description="Bytes of encoder weights a worker keeps resident; 0 means no limit."
+    )
+    max_queue: int = Field(256, ge=1, description="Queued jobs above which the API answers 429.")
+    result_ttl_s: int = Field(3600, ge=10, description="Seconds a finished job and its images are kept.")
+    visibility_timeout_s: float = Field(
+        120.0, gt=0, description="Seconds after which a job claimed by a silent worker is delivered to another."
+    )
+    heartbeat_s: float = Field(2.0, gt=0, description="Seconds between worker heartbeats.")
+    wait_timeout_s: float = Field(120.0, gt=0, description="Upper bound of `?wait=true` on POST /v1/generate.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body the API accepts.")
+    max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt, in characters, the API accepts.")
+
+    @field_validator("worker_encoders", "worker_pipelines", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()] or None
+        return value
+
+    @property
+    def demo_dir(self) -> Path:
+        return self.home / "demo"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

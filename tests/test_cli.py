@@ -1,0 +1,81 @@
+"""The `t2i` command: generate for both pipelines and every demo encoder, models list, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from pixels import pixel_diff
+from service.cli import main
+
+
+@pytest.fixture(autouse=True)
+def use_demo(models_file, monkeypatch):
+    monkeypatch.setenv("T2I_MODELS_FILE", str(models_file))
+    from service.settings import get_settings
+
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("pipeline", ["flux", "sd3"])
+@pytest.mark.parametrize("encoder", ["t5-xxl", "t5-large", "t5-base", "t5-small"])
+def test_generate_writes_a_png(tmp_path, pipeline, encoder, capsys):
+    out = tmp_path / "fox.png"
+    code = main(["generate", "--pipeline", pipeline, "--encoder", encoder, "--prompt", "a red fox in snow",
+                 "--seed", "7", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (64, 64)
+    assert "seed 7" in capsys.readouterr().out
+
+
+def test_console_script_same_seed_same_image(tmp_path, models_file):
+    """The installed `t2i` entry point, in a fresh process, twice: the same image."""
+    outs = [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.webp"]
+    for out in outs:
+        subprocess.run([os.path.join(os.path.dirname(sys.executable), "t2i"), "generate", "--encoder", "t5-base",
+                        "--prompt", "a red fox in snow", "--seed", "7", "-o", str(out)],
+                       check=True, env={**os.environ, "T2I_MODELS_FILE": str(models_file)}, capture_output=True)
+    with Image.open(outs[0]) as a, Image.open(outs[1]) as b, Image.open(outs[2]) as c:
+        assert pixel_diff(a, b)[1] == 0.0
+        assert c.format == "WEBP" and c.size == a.size
+
+
+def test_default_encoder_is_the_teacher(tmp_path, capsys):
+    assert main(["generate", "--prompt", "a fox", "--seed", "1", "-o", str(tmp_path / "t.png")]) == 0
+    assert main(["generate", "--encoder", "t5-xxl", "--prompt", "a fox", "--seed", "1",
+                 "-o", str(tmp_path / "x.png")]) == 0
+    with Image.open(tmp_path / "t.png") as a, Image.open(tmp_path / "x.png") as b:
+        assert pixel_diff(a, b)[1] == 0.0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--encoder", "t5-tiny"], "unknown encoder 't5-tiny'; known: t5-base, t5-large, t5-small, t5-xxl"),
+        (["--pipeline", "sdxl"], "unknown pipeline 'sdxl'; known: flux, sd3"),
+        (["--width", "100"], "`width`=100 is not a multiple of 8"),
+        (["-o", "x.gif"], "use one of .png"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, args, message, capsys):
+    argv = ["generate", "--prompt", "a fox", "-o", str(tmp_path / "x.png")] + args
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_models_list(capsys):
+    assert main(["models", "list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"flux", "sd3", "t5-xxl", "t5-large", "t5-base", "t5-small"}
+    assert rows["t5-xxl"]["params"] > rows["t5-large"]["params"] > rows["t5-base"]["params"] > rows["t5-small"]["params"]
+    assert all(rows[n]["width"] == 64 for n in rows)
+    assert rows["t5-base"]["source"].startswith("local ") and rows["t5-base"]["device"] == "cpu"
+    assert main(["models", "list"]) == 0
+    assert "t5-small" in capsys.readouterr().out

@@ -1,0 +1,14 @@
+from pathlib import Path
+
+from service.settings import Settings
+
+
+def test_env_example_documents_every_setting():
+    text = (Path(__file__).parents[1] / ".env.example").read_text()
+    names = {line.split("=")[0] for line in text.splitlines() if line.startswith("T2I_")}
+    assert names == {f"T2I_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_lists_come_from_comma_separated_env(monkeypatch):
+    monkeypatch.setenv("T2I_WORKER_ENCODERS", "t5-base, t5-xxl")
+    assert Settings().worker_encoders == ["t5-base", "t5-xxl"]

@@ -1,0 +1,1 @@
+"""Student distillation: dataset building, teacher caching, training, export, evaluation."""
