@@ -34,18 +34,27 @@ def _quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
 
 
-def models_file(args: argparse.Namespace) -> Path:
-    """The configured models file, or the embedded demo kit (built on first use)."""
+def models_file(args: argparse.Namespace, *, build_in_child: bool = False) -> Path:
+    """The configured models file, or the embedded demo kit (built on first use).
+
+    `build_in_child` builds the kit in a child process, so that the API and the supervisor never import torch.
+    """
     settings = get_settings()
     chosen = getattr(args, "models_file", None) or settings.models_file
     if chosen is not None:
         return Path(chosen)
     demo = settings.demo_dir
     if not (demo / "models.yaml").exists():
-        from service.models.demo import ensure_demo
+        print(f"building the demo model kit at {demo} (once)", file=sys.stderr, flush=True)
+        if build_in_child:
+            import subprocess
 
-        print(f"building the demo model kit at {demo} (once)", file=sys.stderr)
-        ensure_demo(demo)
+            subprocess.run([sys.executable, "-m", "service.cli", "models", "make-demo", str(demo), "--overwrite"],
+                           check=True, stdout=subprocess.DEVNULL)
+        else:
+            from service.models.demo import ensure_demo
+
+            ensure_demo(demo)
     return demo / "models.yaml"
 
 
@@ -130,6 +139,42 @@ def cmd_models_make_demo(args: argparse.Namespace) -> None:
     print(f"wrote the demo model kit to {out}; use it with T2I_MODELS_FILE={out / 'models.yaml'}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from service.serve import serve
+
+    settings = _service_settings(args)
+    sys.exit(serve(settings, models_file(args, build_in_child=True)))
+
+
+def cmd_api(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.errors import ConfigError
+
+    settings = _service_settings(args)
+    settings = settings.model_copy(update={"models_file": models_file(args, build_in_child=True)})
+    if not settings.redis_url:
+        raise ConfigError("`T2I_REDIS_URL` is not set: the API needs the queue's Redis (or use `t2i serve`)",
+                          field="redis_url")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+                timeout_graceful_shutdown=10)
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    torch_setup(args)
+    from service.models.registry import Registry
+    from service.worker.main import run
+
+    settings = get_settings()
+    sys.exit(run(settings, Registry.from_file(models_file(args))))
+
+
+def _service_settings(args: argparse.Namespace):
+    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    return get_settings().model_copy(update=updates)
+
+
 # -- formatting ------------------------------------------------------------------------------------------------
 def _count(n: int | None) -> str:
     if n is None:
@@ -181,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="device of the denoiser (default: the models file's; auto = cuda if present)")
     gen.add_argument("--encoder-device", help="device of the T5 encoder (e.g. cpu beside a cuda denoiser)")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", parents=[common], help="run the whole service on this machine (Redis, API, worker)")
+    api = sub.add_parser("api", parents=[common], help="run an API process (needs T2I_REDIS_URL)")
+    for p in (srv, api):
+        p.add_argument("--host", help="address to bind (default: $T2I_HOST or 127.0.0.1)")
+        p.add_argument("--port", type=int, help="port to bind (default: $T2I_PORT or 8000)")
+    srv.set_defaults(func=cmd_serve)
+    api.set_defaults(func=cmd_api)
+    wrk = sub.add_parser("worker", parents=[common], help="run a worker process (needs T2I_REDIS_URL)")
+    wrk.set_defaults(func=cmd_worker)
 
     models = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True)
     lst = models.add_parser("list", parents=[common], help="every pipeline and encoder known, with sizes")

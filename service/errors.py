@@ -59,6 +59,23 @@ class ModelLoadError(T2IError):
     http_status = 500
 
 
+class PayloadTooLargeError(T2IError):
+    error_type = "payload_too_large"
+    http_status = 413
+
+
+class UnsupportedMediaTypeError(T2IError):
+    error_type = "unsupported_media_type"
+    http_status = 415
+
+
+class ConflictError(T2IError):
+    """The request does not fit the resource's state (cancelling a finished job)."""
+
+    error_type = "conflict"
+    http_status = 409
+
+
 class NotFoundError(T2IError):
     error_type = "not_found"
     http_status = 404

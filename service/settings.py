@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address the API binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port the API binds.")
+    worker_metrics_host: str = Field("127.0.0.1", description="Address a worker's /metrics and /healthz bind.")
     worker_metrics_port: int = Field(
         9400, ge=0, le=65535, description="Port of a worker's /metrics and /healthz (0: pick a free one)."
     )

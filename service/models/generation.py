@@ -19,6 +19,7 @@ from PIL import Image
 from service.errors import CancelledError, ModelLoadError, ValidationError
 from service.models.denoiser import Denoiser
 from service.models.encoder import TextEncoder, load_tokenizer, tokenizer_fingerprint
+from service.models.encoder_pool import EncoderPool
 from service.models.registry import Registry
 
 MAX_SEED = 2**63 - 1
@@ -54,12 +55,19 @@ StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
 class Generator:
     """Holds the denoisers and encoders of one process. Not thread-safe: one generation at a time."""
 
-    def __init__(self, registry: Registry, *, device: str | None = None, encoder_device: str | None = None):
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        device: str | None = None,
+        encoder_device: str | None = None,
+        encoders: EncoderPool | None = None,
+    ):
         self.registry = registry
         self.device = device
         self.encoder_device = encoder_device
         self.denoisers: dict[str, Denoiser] = {}
-        self.encoders: dict[str, TextEncoder] = {}
+        self.encoders = encoders if encoders is not None else EncoderPool()
         self._teacher_fingerprint: str | None = None
 
     # -- components --------------------------------------------------------------------------------------------
@@ -69,12 +77,14 @@ class Generator:
         return self.denoisers[name]
 
     def encoder(self, name: str) -> TextEncoder:
-        if name not in self.encoders:
-            spec = self.registry.encoder(name)
+        spec = self.registry.encoder(name)
+
+        def load() -> TextEncoder:
             encoder = TextEncoder.load(spec, device=self.encoder_device)
             self.check_tokenizer(encoder)
-            self.encoders[name] = encoder
-        return self.encoders[name]
+            return encoder
+
+        return self.encoders.get(name, load)
 
     def check_tokenizer(self, encoder: TextEncoder) -> None:
         """A student must tokenize exactly as the teacher does: the distillation compared per-token embeddings."""

@@ -1,0 +1,136 @@
+"""The HTTP API. It never imports torch: it validates, queues and reads results; workers do the work.
+
+    T2I_REDIS_URL=redis://127.0.0.1:6379 t2i api --host 127.0.0.1 --port 8000
+
+Docs at /docs, the OpenAPI spec at /openapi.json, metrics at /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import make_asgi_app
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import metrics
+from service.api.queue_client import QueueClient
+from service.api.routes import generate, health, jobs, models, openai_images
+from service.errors import OverloadedError, PayloadTooLargeError, T2IError
+from service.models.registry import Registry, load_registry
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("t2i.api")
+
+
+def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    registry = registry or load_registry(settings.models_file)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client = aioredis.Redis.from_url(settings.redis_url, health_check_interval=10)
+        app.state.queue = QueueClient(client, max_queue=settings.max_queue, result_ttl_s=settings.result_ttl_s)
+        gauges = asyncio.create_task(_update_gauges(app.state.queue, period_s=2.0))
+        yield
+        gauges.cancel()
+        await client.aclose()
+
+    app = FastAPI(
+        title="t2i-slim",
+        version="0.1.0",
+        summary="Text-to-image (FLUX, SD3) with a per-request choice of T5 text encoder.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    for router in (generate.router, jobs.router, openai_images.router, models.router, health.router):
+        app.include_router(router)
+    app.mount("/metrics", make_asgi_app())
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+# -- errors: one taxonomy, mapped to HTTP here and nowhere else --------------------------------------------------
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(T2IError)
+    async def t2i_error(request: Request, exc: T2IError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) else None
+        return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        loc = [str(p) for p in first["loc"] if p not in ("body", "query", "header", "path")]
+        field = ".".join(loc) or "body"
+        if first["type"] == "json_invalid":
+            message = f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}"
+        else:
+            given = first.get("input")
+            shown = "" if isinstance(given, dict) or given is None else f" (got {given!r:.80})"
+            message = f"`{field}`: {first['msg']}{shown}"
+        return JSONResponse({"error": message, "error_type": "validation", "field": field}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kinds = {404: "not_found", 405: "method_not_allowed"}
+        return JSONResponse({"error": str(exc.detail), "error_type": kinds.get(exc.status_code, "http")},
+                            status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": "internal error", "error_type": "internal"}, status_code=500)
+
+
+class BodyLimit:
+    """413 for bodies over the limit, by Content-Length or while streaming (a chunked upload is cut off)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._too_large(send, int(length))
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise PayloadTooLargeError(f"body exceeds {self.max_bytes} bytes", field="body")
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except PayloadTooLargeError:
+            await self._too_large(send, seen)
+
+    async def _too_large(self, send, size: int) -> None:
+        error = PayloadTooLargeError(f"body of {size} bytes exceeds the limit of {self.max_bytes} bytes",
+                                     field="body")
+        response = JSONResponse(error.to_dict(), status_code=413)
+        await response({"type": "http"}, None, send)
+
+
+async def _update_gauges(queue: QueueClient, period_s: float) -> None:
+    while True:
+        try:
+            metrics.QUEUE_DEPTH.set(await queue.depth())
+            metrics.WORKERS_LIVE.set(len(await queue.live_workers()))
+        except Exception as exc:  # Redis down: keep the last values, try again
+            log.debug("gauge update failed: %s", exc)
+        await asyncio.sleep(period_s)

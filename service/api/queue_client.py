@@ -1,0 +1,117 @@
+"""The API's side of the queue (async): enqueue, look up, cancel, wait, stream events, see live workers.
+
+Key names and the atomic scripts are in `service.queue`; this module only calls them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+
+from service import queue
+from service.errors import ConflictError, NotFoundError, OverloadedError
+from service.jobs import JobStatus, decode_hash, event
+
+
+class QueueClient:
+    def __init__(self, client: aioredis.Redis, *, max_queue: int, result_ttl_s: int):
+        self.client = client
+        self.max_queue = max_queue
+        self.result_ttl_s = result_ttl_s
+        self._enqueue = client.register_script(queue.ENQUEUE)
+        self._cancel = client.register_script(queue.CANCEL)
+
+    async def enqueue(self, request: dict, idempotency_key: str | None = None) -> tuple[str, bool]:
+        """Returns (job id, created); created is False when the Idempotency-Key named an existing job."""
+        job_id = secrets.token_urlsafe(16)  # unguessable
+        kind, value = await self._enqueue(
+            keys=[queue.QUEUED, queue.SEQ, queue.job_key(job_id), queue.stream_key(request["pipeline"],
+                  request["encoder"]), queue.idem_key(idempotency_key) if idempotency_key else ""],
+            args=[job_id, self.max_queue, self.result_ttl_s, time.time(), json.dumps(request), queue.GROUP],
+        )
+        kind, value = _s(kind), _s(value)
+        if kind == "full":
+            raise OverloadedError(f"queue is full: {value} jobs queued, T2I_MAX_QUEUE={self.max_queue}", retry_after=2)
+        return value, kind == "ok"
+
+    async def fields(self, job_id: str) -> dict[str, str]:
+        fields = decode_hash(await self.client.hgetall(queue.job_key(job_id)))
+        if not fields:
+            raise NotFoundError(f"job {job_id!r} not found (unknown or expired)", field="job_id")
+        return fields
+
+    async def position(self, job_id: str) -> int | None:
+        return await self.client.zrank(queue.QUEUED, job_id)
+
+    async def depth(self) -> int:
+        return await self.client.zcard(queue.QUEUED)
+
+    async def image(self, job_id: str, n: int) -> bytes | None:
+        return await self.client.get(queue.image_key(job_id, n))
+
+    async def cancel(self, job_id: str) -> str:
+        result = _s(await self._cancel(keys=[queue.job_key(job_id), queue.QUEUED],
+                                       args=[job_id, time.time(), self.result_ttl_s]))
+        if result == "gone":
+            raise NotFoundError(f"job {job_id!r} not found (unknown or expired)", field="job_id")
+        if result == "cancelled":
+            await self.client.publish(queue.events_channel(job_id), event("status", status="cancelled"))
+        elif result != "cancelling":
+            raise ConflictError(f"job {job_id!r} has already {result}; nothing to cancel", field="job_id")
+        return result
+
+    async def live_workers(self) -> list[dict]:
+        ids = [_s(i) for i in await self.client.zrange(queue.WORKERS, 0, -1)]
+        if not ids:
+            return []
+        raw = await self.client.mget([queue.worker_key(i) for i in ids])
+        stale = [i for i, r in zip(ids, raw) if r is None]
+        if stale:
+            await self.client.zrem(queue.WORKERS, *stale)
+        return [json.loads(r) for r in raw if r is not None]
+
+    async def events(self, job_id: str, keepalive_s: float = 15.0) -> AsyncIterator[str | None]:
+        """The job's current state, then its events as they happen, until it ends. None = a keep-alive tick."""
+        async with self.client.pubsub() as pubsub:
+            await pubsub.subscribe(queue.events_channel(job_id))  # subscribe first: no event falls in between
+            fields = await self.fields(job_id)
+            status = JobStatus(fields["status"])
+            if "step" in fields:
+                yield event("progress", step=int(fields["step"]), steps=int(fields["steps"]))
+            yield event("status", status=status.value)
+            if status.terminal:
+                return
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=keepalive_s)
+                if message is None:
+                    fields = await self.fields(job_id)  # a missed final event must not hang the stream
+                    if JobStatus(fields["status"]).terminal:
+                        yield event("status", status=fields["status"])
+                        return
+                    yield None
+                    continue
+                data = _s(message["data"])
+                yield data
+                parsed = json.loads(data)
+                if parsed["type"] == "status" and JobStatus(parsed["status"]).terminal:
+                    return
+
+    async def wait(self, job_id: str, timeout_s: float) -> None:
+        """Return when the job has ended or `timeout_s` has passed."""
+        async def until_done():
+            async for _ in self.events(job_id, keepalive_s=min(timeout_s, 5.0)):
+                pass
+
+        try:
+            await asyncio.wait_for(until_done(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+
+
+def _s(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

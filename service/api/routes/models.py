@@ -1,0 +1,62 @@
+"""`GET /v1/encoders` and `GET /v1/pipelines`: the registry, with what the live workers report about each model."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from service.api.deps import QueueDep, RegistryDep
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+
+class ModelInfo(BaseModel):
+    name: str
+    kind: str  # teacher | student for encoders; the family for pipelines
+    source: str
+    params: int | None = None
+    bytes: int | None = None
+    width: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+    max_sequence_length: int | None = None
+    served_by: list[str] = []
+    resident_on: list[str] = []
+
+
+def _merge(info: ModelInfo, worker: dict, facts: dict) -> None:
+    info.served_by.append(worker["id"])
+    if facts.get("resident", True):
+        info.resident_on.append(worker["id"])
+    for key in ("params", "bytes", "width", "dtype", "device"):
+        if getattr(info, key) is None and facts.get(key) is not None:
+            setattr(info, key, facts[key])
+
+
+@router.get("/encoders", response_model=list[ModelInfo])
+async def encoders(registry: RegistryDep, queue: QueueDep) -> list[ModelInfo]:
+    """Every registered T5 encoder; sizes come from the workers that serve it (none: not served now)."""
+    workers = await queue.live_workers()
+    out = []
+    for spec in registry.encoders.values():
+        info = ModelInfo(name=spec.name, kind=spec.kind, source=spec.describe(),
+                         max_sequence_length=spec.max_sequence_length)
+        for worker in workers:
+            if spec.name in worker["encoders"]:
+                _merge(info, worker, worker["encoders"][spec.name])
+        out.append(info)
+    return out
+
+
+@router.get("/pipelines", response_model=list[ModelInfo])
+async def pipelines(registry: RegistryDep, queue: QueueDep) -> list[ModelInfo]:
+    """Every registered pipeline (the denoiser: transformer, VAE, CLIP), with the workers that hold it."""
+    workers = await queue.live_workers()
+    out = []
+    for spec in registry.pipelines.values():
+        info = ModelInfo(name=spec.name, kind=spec.family, source=spec.describe())
+        for worker in workers:
+            if spec.name in worker["pipelines"]:
+                _merge(info, worker, worker["pipelines"][spec.name])
+        out.append(info)
+    return out

@@ -1,0 +1,119 @@
+"""A generation job: the request a client sends, its status, and the view clients get back.
+
+Shared by the API (validation, views) and the worker (it parses the stored request). JSON only: nothing here is ever
+pickled. No torch.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_SEED = 2**63 - 1
+
+
+class JobStatus(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+OutputFormat = Literal["png", "webp", "jpeg"]
+CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+
+
+class GenerateParams(BaseModel):
+    """The body of `POST /v1/generate`. The encoder comes as the `encoder` query parameter (or this field)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="What to draw.")
+    pipeline: str = Field("flux", description="Registry name of the pipeline (see GET /v1/pipelines).")
+    encoder: str | None = Field(None, description="Registry name of the T5 encoder; default: the teacher.")
+    width: int | None = Field(None, ge=16, le=2048, description="Pixels; default: the pipeline's.")
+    height: int | None = Field(None, ge=16, le=2048, description="Pixels; default: the pipeline's.")
+    steps: int | None = Field(None, ge=1, le=100, description="Denoising steps; default: the pipeline's.")
+    guidance: float | None = Field(None, ge=0.0, le=30.0, description="Guidance scale; default: the pipeline's.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Same seed + encoder => same image.")
+    negative_prompt: str | None = Field(None, description="SD3 pipelines only.")
+    num_images: int = Field(1, ge=1, le=8, description="Images for this prompt, each from its own noise.")
+    output_format: OutputFormat = Field("png", description="png | webp | jpeg")
+
+
+class JobError(BaseModel):
+    error: str
+    error_type: str
+
+
+class JobView(BaseModel):
+    """What `GET /v1/jobs/{id}` returns."""
+
+    id: str
+    status: JobStatus
+    position: int | None = Field(None, description="Jobs ahead of this one in the queue (0 = next); queued only.")
+    pipeline: str
+    encoder: str
+    seed: int | None = None
+    worker: str | None = None
+    attempts: int = 0
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: dict[str, int] | None = None
+    timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
+    images: list[str] = Field(default_factory=list, description="URLs of the images.")
+    warnings: list[str] = Field(default_factory=list)
+    error: JobError | None = None
+
+
+def decode_hash(raw: dict[bytes | str, bytes | str]) -> dict[str, str]:
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in raw.items()
+    }
+
+
+def job_view(fields: dict[str, str], *, position: int | None, base_url: str) -> JobView:
+    """Build the client view from a job's stored fields."""
+    request = json.loads(fields["request"])
+    status = JobStatus(fields["status"])
+    n_images = int(fields.get("images", 0) or 0)
+    job_id = fields["id"]
+    progress = None
+    if "step" in fields:
+        progress = {"step": int(fields["step"]), "steps": int(fields["steps"])}
+    error = None
+    if fields.get("error"):
+        error = JobError(error=fields["error"], error_type=fields.get("error_type", "internal"))
+    return JobView(
+        id=job_id,
+        status=status,
+        position=position if status == JobStatus.queued else None,
+        pipeline=request["pipeline"],
+        encoder=request["encoder"],
+        seed=int(fields["seed"]) if fields.get("seed") else request.get("seed"),
+        worker=fields.get("worker"),
+        attempts=int(fields.get("attempts", 0)),
+        created_at=float(fields["created_at"]),
+        started_at=float(fields["started_at"]) if fields.get("started_at") else None,
+        finished_at=float(fields["finished_at"]) if fields.get("finished_at") else None,
+        progress=progress,
+        timings=json.loads(fields.get("timings", "{}")),
+        images=[f"{base_url}/v1/jobs/{job_id}/images/{n}" for n in range(n_images)],
+        warnings=json.loads(fields.get("warnings", "[]")),
+        error=error,
+    )
+
+
+def event(kind: str, **data: Any) -> str:
+    """A progress/status event as published on a job's channel and sent over SSE."""
+    return json.dumps({"type": kind, **data})

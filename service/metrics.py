@@ -1,0 +1,60 @@
+"""Every Prometheus metric of t2i-slim, declared once. Each process serves its own `/metrics`.
+
+Names: `t2i_` prefix, unit suffixes (`_seconds`, `_bytes`, `_total`); label values are registry names (`encoder`,
+`pipeline`) or the API's error types (`status`). The worker fills the per-encoder and per-pipeline series, the API
+the service-wide ones.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+
+# -- worker: per encoder ---------------------------------------------------------------------------------------
+ENCODE_SECONDS = Histogram(
+    "t2i_encode_duration_seconds", "Time to encode a prompt with the T5 encoder.", ["encoder"],
+    buckets=LATENCY_BUCKETS,
+)
+JOB_SECONDS = Histogram(
+    "t2i_job_duration_seconds", "Time a worker spent on a job, from claim to result.", ["pipeline", "encoder"],
+    buckets=LATENCY_BUCKETS,
+)
+JOBS = Counter("t2i_jobs_total", "Jobs finished by a worker, by final status.", ["pipeline", "encoder", "status"])
+ENCODER_RESIDENT_BYTES = Gauge(
+    "t2i_encoder_resident_bytes", "Bytes of an encoder's weights resident on its device (0 once evicted).",
+    ["encoder", "device"],
+)
+JOB_PEAK_MEMORY_BYTES = Gauge(
+    "t2i_job_peak_memory_bytes",
+    "Peak memory during the last job (CUDA: max_memory_allocated reset per job; CPU: peak RSS reset per job).",
+    ["pipeline", "encoder", "device"],
+)
+ENCODER_LOAD_SECONDS = Histogram(
+    "t2i_encoder_load_duration_seconds", "Time to load an encoder (a switch to a non-resident one).", ["encoder"],
+    buckets=LATENCY_BUCKETS,
+)
+ENCODER_EVICTIONS = Counter("t2i_encoder_evictions_total", "Encoders evicted to stay in the memory budget.", ["encoder"])
+
+# -- worker: per pipeline --------------------------------------------------------------------------------------
+DENOISE_SECONDS = Histogram(
+    "t2i_denoise_duration_seconds", "Time of the denoising loop.", ["pipeline"], buckets=LATENCY_BUCKETS
+)
+DECODE_SECONDS = Histogram("t2i_decode_duration_seconds", "Time of VAE decoding.", ["pipeline"], buckets=LATENCY_BUCKETS)
+DENOISER_RESIDENT_BYTES = Gauge(
+    "t2i_denoiser_resident_bytes", "Bytes of a pipeline's denoiser (transformer, VAE, CLIP).", ["pipeline", "device"]
+)
+
+# -- service-wide ----------------------------------------------------------------------------------------------
+QUEUE_WAIT_SECONDS = Histogram(
+    "t2i_queue_wait_duration_seconds", "Time a job waited in the queue before a worker started it.",
+    buckets=LATENCY_BUCKETS,
+)
+QUEUE_DEPTH = Gauge("t2i_queue_depth", "Jobs queued and not yet started.")
+WORKERS_LIVE = Gauge("t2i_workers_live", "Workers whose heartbeat is fresh.")
+REQUESTS = Counter(
+    "t2i_api_requests_total", "API requests that submit work, by outcome.", ["endpoint", "status"]
+)
+JOBS_REDELIVERED = Counter(
+    "t2i_jobs_redelivered_total", "Jobs taken over from a worker that stopped answering.", ["pipeline", "encoder"]
+)

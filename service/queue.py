@@ -1,0 +1,129 @@
+"""The job queue in Redis: key names and the atomic operations, in one place.
+
+Why Redis Streams with a consumer group: XREADGROUP hands each job to exactly one live worker and records it as
+pending for that worker until XACK; a worker that dies (SIGKILL, power loss) leaves the entry pending, and after the
+visibility timeout XAUTOCLAIM gives it to a live worker. That is at-least-once delivery with nothing lost, plus batch
+reads for later. A running worker keeps its claim fresh (XCLAIM to itself) so that long jobs are not taken away.
+
+There is one stream per (pipeline, encoder), so a worker reads only what it can serve and jobs that can share a batch
+sit together. A sorted set of queued job ids gives queue depth and positions. Every state change is a Lua script, so a
+job is never half-enqueued, and a job finished twice (a redelivered duplicate) keeps its first result only.
+
+    t2i:job:{id}                hash: status, request (JSON), timings, ... ; expires `result_ttl_s` after the end
+    t2i:job:{id}:image:{n}      bytes of image n
+    t2i:queued                  zset: queued job ids by enqueue order
+    t2i:stream:{pipeline}:{enc} stream of job ids; consumer group `workers`
+    t2i:idem:{key}              Idempotency-Key -> job id
+    t2i:events:{id}             pub/sub channel of a job's progress and status events
+    t2i:workers                 zset: worker id -> last heartbeat (unix time)
+    t2i:worker:{id}             JSON facts of a live worker (expires with its heartbeat)
+"""
+
+from __future__ import annotations
+
+PREFIX = "t2i"
+GROUP = "workers"
+QUEUED = f"{PREFIX}:queued"
+SEQ = f"{PREFIX}:seq"
+WORKERS = f"{PREFIX}:workers"
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def image_key(job_id: str, n: int) -> str:
+    return f"{PREFIX}:job:{job_id}:image:{n}"
+
+
+def stream_key(pipeline: str, encoder: str) -> str:
+    return f"{PREFIX}:stream:{pipeline}:{encoder}"
+
+
+def idem_key(key: str) -> str:
+    return f"{PREFIX}:idem:{key}"
+
+
+def events_channel(job_id: str) -> str:
+    return f"{PREFIX}:events:{job_id}"
+
+
+def worker_key(worker_id: str) -> str:
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+# KEYS: queued, seq, job, stream, idem ('' for none)
+# ARGV: job id, max queue, idempotency ttl, now, request JSON, group
+# -> {'ok', id} | {'dup', existing id} | {'full', depth}
+ENQUEUE = """
+if KEYS[5] ~= '' then
+  local existing = redis.call('GET', KEYS[5])
+  if existing then return {'dup', existing} end
+end
+local depth = redis.call('ZCARD', KEYS[1])
+if depth >= tonumber(ARGV[2]) then return {'full', tostring(depth)} end
+local seq = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[3], 'id', ARGV[1], 'status', 'queued', 'request', ARGV[5], 'created_at', ARGV[4],
+           'attempts', '0', 'stream', KEYS[4])
+redis.call('ZADD', KEYS[1], seq, ARGV[1])
+pcall(redis.call, 'XGROUP', 'CREATE', KEYS[4], ARGV[6], '0', 'MKSTREAM')
+redis.call('XADD', KEYS[4], '*', 'job', ARGV[1])
+if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[3]) end
+return {'ok', ARGV[1]}
+"""
+
+# KEYS: job, queued ; ARGV: job id, worker id, now, ttl
+# -> 'running' (go) | 'cancelled' | a terminal status | 'gone' (expired or never existed): skip it
+START = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'gone' end
+if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return status end
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  return 'cancelled'
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started_at', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+return 'running'
+"""
+
+# KEYS: job ; ARGV: job id, status, now, ttl, field/value count, field1, value1, ..., image1, image2, ...
+# -> 1 if this call finished the job, 0 if it was already finished (a duplicate run: its result is dropped)
+FINISH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' and status ~= 'queued' then return 0 end
+local nfields = tonumber(ARGV[5])
+local args = {'status', ARGV[2], 'finished_at', ARGV[3]}
+for i = 1, nfields * 2 do table.insert(args, ARGV[5 + i]) end
+local first_image = 6 + nfields * 2
+local n = 0
+for i = first_image, #ARGV do
+  local key = KEYS[1] .. ':image:' .. tostring(n)
+  redis.call('SET', key, ARGV[i], 'EX', ARGV[4])
+  n = n + 1
+end
+table.insert(args, 'images'); table.insert(args, tostring(n))
+redis.call('HSET', KEYS[1], unpack(args))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# KEYS: job, queued ; ARGV: job id, now, ttl
+# -> 'cancelled' (was queued) | 'cancelling' (running: stops at its next step) | terminal status | 'gone'
+CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'gone' end
+if status == 'queued' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2], 'cancel', '1')
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  return 'cancelled'
+end
+if status == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel', '1')
+  return 'cancelling'
+end
+return status
+"""

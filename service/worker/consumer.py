@@ -1,0 +1,143 @@
+"""The worker's side of the queue: claim, start, report progress, finish, keep claims fresh, take over the dead's.
+
+Synchronous redis-py: a worker does one job at a time, and its heartbeat thread shares the client's pool.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import redis
+
+from service import queue
+from service.jobs import JobStatus, decode_hash, event
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Claim:
+    """A stream entry this worker holds; `redelivered` when it was taken over from a silent worker."""
+
+    stream: str
+    entry_id: str
+    job_id: str
+    redelivered: bool = False
+
+
+class Consumer:
+    def __init__(self, client: redis.Redis, worker_id: str, streams: list[str], *, visibility_timeout_s: float,
+                 result_ttl_s: int):
+        self.client = client
+        self.worker_id = worker_id
+        self.streams = streams
+        self.visibility_ms = int(visibility_timeout_s * 1000)
+        self.result_ttl_s = result_ttl_s
+        self._start = client.register_script(queue.START)
+        self._finish = client.register_script(queue.FINISH)
+        self._last_reclaim = 0.0
+
+    def ensure_groups(self) -> None:
+        for stream in self.streams:
+            try:
+                self.client.xgroup_create(stream, queue.GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    # -- claiming ----------------------------------------------------------------------------------------------
+    def claim(self, block_ms: int) -> list[Claim]:
+        """Jobs abandoned by silent workers first (checked every half visibility timeout), then new ones."""
+        now = time.monotonic()
+        if now - self._last_reclaim > self.visibility_ms / 2000:
+            self._last_reclaim = now
+            for stream in self.streams:
+                _next, entries, _deleted = self.client.xautoclaim(
+                    stream, queue.GROUP, self.worker_id, min_idle_time=self.visibility_ms, start_id="0-0", count=1
+                )
+                for entry_id, fields in entries:
+                    if fields:  # an entry deleted meanwhile comes back without fields
+                        return [Claim(stream, _s(entry_id), _s(fields[b"job"]), redelivered=True)]
+                    self.client.xack(stream, queue.GROUP, entry_id)
+        reply = self.client.xreadgroup(
+            queue.GROUP, self.worker_id, {s: ">" for s in self.streams}, count=1, block=block_ms
+        )
+        claims = []
+        for stream, entries in reply or []:
+            for entry_id, fields in entries:
+                claims.append(Claim(_s(stream), _s(entry_id), _s(fields[b"job"])))
+        return claims
+
+    def refresh(self, claim: Claim) -> None:
+        """Reset the idle time of a claim this worker still owns, so a long job is not redelivered."""
+        pending = self.client.xpending_range(claim.stream, queue.GROUP, min=claim.entry_id, max=claim.entry_id, count=1)
+        if pending and _s(pending[0]["consumer"]) == self.worker_id:
+            self.client.xclaim(claim.stream, queue.GROUP, self.worker_id, 0, [claim.entry_id], justid=True)
+
+    def release(self, claim: Claim) -> None:
+        pipe = self.client.pipeline()
+        pipe.xack(claim.stream, queue.GROUP, claim.entry_id)
+        pipe.xdel(claim.stream, claim.entry_id)
+        pipe.execute()
+
+    # -- job state ---------------------------------------------------------------------------------------------
+    def start(self, claim: Claim) -> tuple[str, dict[str, str]]:
+        """Mark the job running (or learn that it was cancelled or finished meanwhile). Returns (status, fields)."""
+        status = _s(self._start(
+            keys=[queue.job_key(claim.job_id), queue.QUEUED],
+            args=[claim.job_id, self.worker_id, time.time(), self.result_ttl_s],
+        ))
+        fields = decode_hash(self.client.hgetall(queue.job_key(claim.job_id)))
+        if status == "running":
+            self.publish(claim.job_id, event("status", status="running", worker=self.worker_id))
+        elif status == "cancelled":
+            self.publish(claim.job_id, event("status", status="cancelled"))
+        return status, fields
+
+    def progress(self, job_id: str, step: int, steps: int) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(queue.job_key(job_id), mapping={"step": step, "steps": steps})
+        pipe.publish(queue.events_channel(job_id), event("progress", step=step, steps=steps))
+        pipe.execute()
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.client.hget(queue.job_key(job_id), "cancel") == b"1"
+
+    def finish(self, job_id: str, status: JobStatus, fields: dict[str, str | int | float],
+               images: list[bytes] = ()) -> bool:
+        """Store the outcome atomically; False when another run of the same job finished first."""
+        flat: list = []
+        for key, value in fields.items():
+            flat += [key, value]
+        done = self._finish(
+            keys=[queue.job_key(job_id)],
+            args=[job_id, status.value, time.time(), self.result_ttl_s, len(fields), *flat, *images],
+        )
+        if done:
+            self.publish(job_id, event("status", status=status.value, **{
+                k: v for k, v in fields.items() if k in ("error", "error_type")
+            }))
+        return bool(done)
+
+    def publish(self, job_id: str, message: str) -> None:
+        self.client.publish(queue.events_channel(job_id), message)
+
+    # -- liveness ----------------------------------------------------------------------------------------------
+    def heartbeat(self, facts: dict, ttl_s: float) -> None:
+        pipe = self.client.pipeline()
+        pipe.zadd(queue.WORKERS, {self.worker_id: time.time()})
+        pipe.set(queue.worker_key(self.worker_id), json.dumps(facts), px=int(ttl_s * 1000))
+        pipe.execute()
+
+    def leave(self) -> None:
+        pipe = self.client.pipeline()
+        pipe.zrem(queue.WORKERS, self.worker_id)
+        pipe.delete(queue.worker_key(self.worker_id))
+        pipe.execute()
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

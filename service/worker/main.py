@@ -1,0 +1,258 @@
+"""The GPU worker: holds the denoisers and the encoders, takes jobs from the queue and runs them one at a time.
+
+    T2I_REDIS_URL=redis://127.0.0.1:6379 t2i worker                       # every pipeline and encoder
+    T2I_WORKER_ENCODERS=t5-base,t5-small T2I_WORKER_PIPELINES=flux t2i worker   # a subset
+
+Run one per GPU (CUDA_VISIBLE_DEVICES), on as many hosts as needed, against one Redis. SIGTERM (or Ctrl-C)
+finishes the job in flight, claims no more and exits 0. The worker serves `/metrics` and `/healthz` on
+`T2I_WORKER_METRICS_PORT`.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+import redis
+import torch
+
+from service import metrics
+from service.errors import CancelledError, ConfigError, T2IError
+from service.jobs import JobStatus
+from service.models.encoder import TextEncoder
+from service.models.encoder_pool import EncoderPool
+from service.models.generation import GenerationRequest, GenerationResult, Generator
+from service.models.registry import Registry
+from service.models.sizes import encoder_row
+from service.queue import stream_key
+from service.settings import Settings
+from service.worker.consumer import Claim, Consumer
+from service.worker.health import HealthServer
+from service.worker.memory import peak_bytes, reset_peak
+
+log = logging.getLogger("t2i.worker")
+
+PIL_FORMATS = {"png": ("PNG", {}), "webp": ("WEBP", {"quality": 90}), "jpeg": ("JPEG", {"quality": 95})}
+
+
+class Worker:
+    def __init__(self, settings: Settings, registry: Registry):
+        self.settings = settings
+        self.registry = registry
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.pipelines = settings.worker_pipelines or list(registry.pipelines)
+        self.encoder_names = settings.worker_encoders or list(registry.encoders)
+        for name in self.pipelines:
+            registry.pipeline(name)
+        for name in self.encoder_names:
+            registry.encoder(name)
+        self.generator = Generator(
+            registry, encoders=EncoderPool(settings.encoder_memory_budget_bytes, on_evict=self._evicted)
+        )
+        self.stopping = threading.Event()
+        self.current: Claim | None = None
+        self.jobs_done = 0
+        self.started_at = time.time()
+        self.health: HealthServer | None = None
+        self.encoder_facts: dict[str, dict] = {}
+
+    # -- the main loop -----------------------------------------------------------------------------------------
+    def run(self) -> int:
+        # 1. Load every served denoiser once, and check every served encoder's width against them now (from its
+        #    config), so a misfit stops the worker at start, not a job later.
+        for name in self.pipelines:
+            denoiser = self.generator.denoiser(name)
+            metrics.DENOISER_RESIDENT_BYTES.labels(name, str(denoiser.device)).set(denoiser.num_bytes)
+        for name in self.encoder_names:
+            row = encoder_row(self.registry.encoder(name))
+            self.encoder_facts[name] = {"params": row.params, "bytes": row.bytes, "width": row.width,
+                                        "device": row.device, "dtype": row.dtype}
+            for pipeline in self.pipelines:
+                if row.width is not None:
+                    self.generator.denoiser(pipeline).check_encoder_width(name, row.width)
+
+        # 2. Connect, and make sure the consumer groups exist.
+        client = redis.Redis.from_url(self.settings.redis_url, health_check_interval=10, socket_keepalive=True)
+        streams = [stream_key(p, e) for p in self.pipelines for e in self.encoder_names]
+        self.consumer = Consumer(client, self.worker_id, streams,
+                                 visibility_timeout_s=self.settings.visibility_timeout_s,
+                                 result_ttl_s=self.settings.result_ttl_s)
+        self._with_retry(self.consumer.ensure_groups)
+
+        # 3. Health and metrics endpoint, heartbeat thread, signals.
+        self.health = HealthServer(self.settings.worker_metrics_host, self.settings.worker_metrics_port,
+                                   ready=lambda: not self.stopping.is_set())
+        self.health.start()
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        log.info("worker %s ready: pipelines %s, encoders %s, metrics on :%d", self.worker_id, self.pipelines,
+                 self.encoder_names, self.health.port)
+        print(f"worker {self.worker_id} ready (metrics http://{self.settings.worker_metrics_host}:"
+              f"{self.health.port}/metrics)", flush=True)
+
+        # 4. Claim and run jobs until told to stop; a failing job never ends the loop.
+        while not self.stopping.is_set():
+            try:
+                claims = self.consumer.claim(block_ms=1000)
+            except redis.ConnectionError as exc:
+                log.warning("redis unreachable (%s); retrying", exc)
+                self.stopping.wait(1.0)
+                continue
+            for claim in claims:
+                self.process(claim)
+
+        # 5. Leave cleanly: no heartbeat left behind.
+        self._with_retry(self.consumer.leave, attempts=3)
+        self.health.stop()
+        log.info("worker %s stopped after %d jobs", self.worker_id, self.jobs_done)
+        return 0
+
+    # -- one job -----------------------------------------------------------------------------------------------
+    def process(self, claim: Claim) -> None:
+        status, fields = self._with_retry(lambda: self.consumer.start(claim))
+        if status != "running":
+            self._with_retry(lambda: self.consumer.release(claim))
+            return
+        params = json.loads(fields["request"])
+        pipeline, encoder_name = params["pipeline"], params["encoder"]
+        if claim.redelivered:
+            metrics.JOBS_REDELIVERED.labels(pipeline, encoder_name).inc()
+        queue_wait = float(fields["started_at"]) - float(fields["created_at"])
+        metrics.QUEUE_WAIT_SECONDS.observe(max(queue_wait, 0.0))
+        self.current = claim
+        start = time.perf_counter()
+        device = torch.device("cpu")
+        try:
+            denoiser = self.generator.denoiser(pipeline)
+            device = denoiser.device
+            reset_peak(device)
+            result = self.generator.generate(
+                _request(params),
+                on_step=lambda step, steps: self.consumer.progress(claim.job_id, step, steps),
+                should_stop=lambda: self.consumer.cancel_requested(claim.job_id),
+            )
+            images = [_encode_image(im, params.get("output_format", "png")) for im in result.images]
+            timings = {"queue_wait": queue_wait, **result.timings, "total": time.perf_counter() - start}
+            outcome, stored = JobStatus.succeeded, {
+                "seed": result.seed, "timings": json.dumps(timings), "warnings": json.dumps(result.warnings),
+                "content_type": params.get("output_format", "png"),
+            }
+            self._observe(pipeline, encoder_name, result)
+        except CancelledError as exc:
+            outcome, stored, images = JobStatus.cancelled, {"error": exc.message, "error_type": exc.error_type}, []
+        except T2IError as exc:
+            outcome, stored, images = JobStatus.failed, {"error": exc.message, "error_type": exc.error_type}, []
+        except torch.OutOfMemoryError as exc:
+            outcome, stored, images = JobStatus.failed, {
+                "error": f"out of device memory on {device}: {str(exc).splitlines()[0]}", "error_type": "generation"
+            }, []
+        except Exception as exc:  # the error boundary: the job fails readably, the worker keeps serving
+            log.exception("job %s failed", claim.job_id)
+            outcome, stored, images = JobStatus.failed, {
+                "error": f"{type(exc).__name__}: {exc}", "error_type": "internal"
+            }, []
+        finally:
+            self.current = None
+        if outcome != JobStatus.succeeded:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        finished = self._with_retry(lambda: self.consumer.finish(claim.job_id, outcome, stored, images))
+        if not finished:
+            log.warning("job %s was already finished by another run; this result is dropped", claim.job_id)
+        self._with_retry(lambda: self.consumer.release(claim))
+        elapsed = time.perf_counter() - start
+        metrics.JOBS.labels(pipeline, encoder_name, outcome.value).inc()
+        metrics.JOB_SECONDS.labels(pipeline, encoder_name).observe(elapsed)
+        metrics.JOB_PEAK_MEMORY_BYTES.labels(pipeline, encoder_name, str(device)).set(peak_bytes(device))
+        self.jobs_done += 1
+
+    def _observe(self, pipeline: str, encoder: str, result: GenerationResult) -> None:
+        metrics.ENCODE_SECONDS.labels(encoder).observe(result.timings["encode"])
+        metrics.DENOISE_SECONDS.labels(pipeline).observe(result.timings["denoise"])
+        metrics.DECODE_SECONDS.labels(pipeline).observe(result.timings["decode"])
+        for resident in self.generator.encoders:
+            metrics.ENCODER_RESIDENT_BYTES.labels(resident.name, str(resident.device)).set(resident.num_bytes)
+
+    def _evicted(self, encoder: TextEncoder) -> None:
+        metrics.ENCODER_RESIDENT_BYTES.labels(encoder.name, str(encoder.device)).set(0)
+        metrics.ENCODER_EVICTIONS.labels(encoder.name).inc()
+
+    # -- liveness ----------------------------------------------------------------------------------------------
+    def facts(self) -> dict:
+        resident = {e.name: str(e.device) for e in self.generator.encoders}
+        return {
+            "id": self.worker_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "metrics_port": self.health.port if self.health else None,
+            "started_at": self.started_at,
+            "jobs_done": self.jobs_done,
+            "current_job": self.current.job_id if self.current else None,
+            "pipelines": {
+                name: {"family": d.family, "size_multiple": d.size_multiple, "width": d.joint_attention_dim,
+                       "params": d.num_params, "bytes": d.num_bytes, "device": str(d.device),
+                       "dtype": str(d.dtype).removeprefix("torch.")}
+                for name, d in self.generator.denoisers.items()
+            },
+            "encoders": {
+                name: {**facts, "resident": name in resident, **({"device": resident[name]} if name in resident else {})}
+                for name, facts in self.encoder_facts.items()
+            },
+        }
+
+    def _heartbeat_loop(self) -> None:
+        period = self.settings.heartbeat_s
+        while not self.stopping.is_set():
+            try:
+                self.consumer.heartbeat(self.facts(), ttl_s=3 * period)
+                if self.current is not None:
+                    self.consumer.refresh(self.current)
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            self.stopping.wait(period)
+
+    def _with_retry(self, call, attempts: int = 0):
+        """Run a Redis call, retrying with backoff while Redis is unreachable (forever unless `attempts`)."""
+        delay, tried = 0.2, 0
+        while True:
+            try:
+                return call()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                tried += 1
+                if attempts and tried >= attempts:
+                    log.warning("giving up on redis after %d tries: %s", tried, exc)
+                    return None
+                log.warning("redis unreachable (%s); retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+def _request(params: dict) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=params["prompt"], pipeline=params["pipeline"], encoder=params["encoder"], width=params.get("width"),
+        height=params.get("height"), steps=params.get("steps"), guidance=params.get("guidance"),
+        seed=params.get("seed"), negative_prompt=params.get("negative_prompt"),
+        num_images=params.get("num_images", 1),
+    )
+
+
+def _encode_image(image, output_format: str) -> bytes:
+    fmt, options = PIL_FORMATS[output_format]
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def run(settings: Settings, registry: Registry) -> int:
+    if not settings.redis_url:
+        raise ConfigError("`T2I_REDIS_URL` is not set: a worker needs the queue's Redis", field="redis_url")
+    return Worker(settings, registry).run()
