@@ -68,3 +68,20 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def env_example() -> str:
+    """The text of `.env.example`: every setting with its description and default (`python -m service.settings`)."""
+    lines = ["# Every setting of t2i-slim as an environment variable, with its default. Copy to .env and edit;",
+             "# an empty value means the default.", ""]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if name == "home":
+            default = "~/.cache/t2i-slim"
+        value = "" if default is None else ",".join(default) if isinstance(default, list) else default
+        lines += [f"# {field.description}", f"T2I_{name.upper()}={value}"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(env_example(), end="")

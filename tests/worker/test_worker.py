@@ -1,0 +1,158 @@
+"""Queue and worker guarantees with real worker processes: redelivery after SIGKILL, cancellation, bounds,
+the error boundary, graceful SIGTERM, and per-encoder metrics."""
+
+import shutil
+import signal
+
+import httpx
+import pytest
+import yaml
+
+from service import queue
+from stack import Stack, wait_for
+
+LONG_JOB = {"prompt": "a long job", "width": 512, "height": 512, "steps": 60, "seed": 1}  # ~8 s on one CPU thread
+
+
+def job(api, job_id):
+    return api.get(f"/v1/jobs/{job_id}").json()
+
+
+def running(api, job_id, min_step=1):
+    return wait_for(lambda: (j := job(api, job_id))["status"] == "running"
+                    and (j.get("progress") or {}).get("step", 0) >= min_step and j, 60, f"job {job_id} to run")
+
+
+def finished(api, job_id, timeout_s=120):
+    return wait_for(lambda: (j := job(api, job_id))["status"] in ("succeeded", "failed", "cancelled") and j,
+                    timeout_s, f"job {job_id} to finish", interval_s=0.2)
+
+
+@pytest.fixture()
+def own_stack(redis_server, models_file, tmp_path):
+    """A separate API + workers on their own Redis database, so killing workers does not disturb other tests."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/1"
+    stack = Stack(url, models_file, tmp_path)
+    stack.redis.flushdb()
+    yield stack
+    stack.stop_all()
+    stack.redis.flushdb()
+
+
+def test_a_job_survives_its_worker_being_killed(own_stack):
+    api_url = own_stack.start_api()
+    first, second = own_stack.start_worker(), own_stack.start_worker()
+    with httpx.Client(base_url=api_url, timeout=30) as api:
+        job_id = api.post("/v1/generate?encoder=t5-small", json=LONG_JOB).json()["id"]
+        victim_id = running(api, job_id)["worker"]
+        victim = first if first.info["id"] == victim_id else second
+        survivor = second if victim is first else first
+        victim.stop(signal.SIGKILL)  # no cleanup, no ack: as a power loss
+        done = finished(api, job_id)
+        assert done["status"] == "succeeded", done
+        assert done["worker"] == survivor.info["id"] and done["attempts"] == 2
+        assert len(done["images"]) == 1 and api.get(f"/v1/jobs/{job_id}/images/0").status_code == 200
+        metrics = httpx.get(survivor.info["metrics_url"]).text
+        assert 't2i_jobs_redelivered_total{encoder="t5-small",pipeline="flux"} 1.0' in metrics
+
+
+def test_cancel_queued_and_running_then_keep_serving(own_stack):
+    api_url = own_stack.start_api()
+    own_stack.start_worker()
+    with httpx.Client(base_url=api_url, timeout=30) as api:
+        first = api.post("/v1/generate", json=LONG_JOB).json()["id"]
+        second = api.post("/v1/generate", json=LONG_JOB).json()["id"]
+        running(api, first)
+        assert job(api, second)["position"] == 0
+        cancelled = api.delete(f"/v1/jobs/{second}")
+        assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
+        api.delete(f"/v1/jobs/{first}")
+        done = finished(api, first, timeout_s=30)
+        assert done["status"] == "cancelled" and done["error"]["error_type"] == "cancelled"
+        assert done["progress"]["step"] < LONG_JOB["steps"]  # stopped at a step, not run to the end
+        after = api.post("/v1/generate?wait=true", json={"prompt": "next"}).json()
+        assert after["status"] == "succeeded"
+        never = job(api, second)
+        assert never["status"] == "cancelled" and never["started_at"] is None and never["attempts"] == 0
+
+
+def test_full_queue_answers_429_with_retry_after(own_stack):
+    api_url = own_stack.start_api({"T2I_MAX_QUEUE": "2"})
+    own_stack.start_worker()
+    with httpx.Client(base_url=api_url, timeout=30) as api:
+        busy = api.post("/v1/generate", json=LONG_JOB).json()["id"]
+        running(api, busy)
+        queued = [api.post("/v1/generate", json=LONG_JOB) for _ in range(2)]
+        assert [r.status_code for r in queued] == [202, 202]
+        refused = api.post("/v1/generate", json=LONG_JOB)
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error_type"] == "overloaded" and "T2I_MAX_QUEUE=2" in refused.json()["error"]
+        for r in queued:
+            api.delete(f"/v1/jobs/{r.json()['id']}")
+        api.delete(f"/v1/jobs/{busy}")
+        assert api.post("/v1/generate", json={"prompt": "fits again"}).status_code == 202
+
+
+def test_a_failing_job_fails_readably_and_the_worker_keeps_serving(own_stack, demo_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(demo_dir / "encoders" / "t5-base", broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    models = yaml.safe_load((demo_dir / "models.yaml").read_text())
+    for section in models.values():
+        for body in section.values():
+            body["source"] = str(demo_dir / body["source"])
+    models["encoders"]["t5-broken"] = {"kind": "student", "source": str(broken), "max_sequence_length": 32}
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump(models))
+    own_stack.models_file = str(tmp_path / "models.yaml")
+    api_url = own_stack.start_api()
+    worker = own_stack.start_worker()
+    with httpx.Client(base_url=api_url, timeout=30) as api:
+        failed = api.post("/v1/generate?wait=true&encoder=t5-broken", json={"prompt": "x"}).json()
+        assert failed["status"] == "failed" and failed["error"]["error_type"] == "model"
+        assert "t5-broken" in failed["error"]["error"] and "cannot load weights" in failed["error"]["error"]
+        ok = api.post("/v1/generate?wait=true&encoder=t5-base", json={"prompt": "x"}).json()
+        assert ok["status"] == "succeeded" and ok["worker"] == worker.info["id"]
+    metrics = httpx.get(worker.info["metrics_url"]).text
+    assert 't2i_jobs_total{encoder="t5-broken",pipeline="flux",status="failed"} 1.0' in metrics
+
+
+def test_sigterm_finishes_the_job_in_flight_and_exits_0(own_stack):
+    api_url = own_stack.start_api()
+    worker = own_stack.start_worker()
+    with httpx.Client(base_url=api_url, timeout=30) as api:
+        job_id = api.post("/v1/generate", json={**LONG_JOB, "steps": 30}).json()["id"]
+        running(api, job_id)
+        assert worker.stop(signal.SIGTERM, timeout_s=60) == 0
+        assert job(api, job_id)["status"] == "succeeded"
+        assert own_stack.redis.zcard(queue.WORKERS) == 0  # it left; no stale heartbeat
+        refused = api.post("/v1/generate", json={"prompt": "nobody home"})
+        assert refused.status_code == 503 and "no live worker serves" in refused.json()["error"]
+        assert api.get("/readyz").status_code == 503
+
+
+def test_worker_serving_a_subset_refuses_others_up_front(own_stack):
+    api_url = own_stack.start_api()
+    own_stack.start_worker({"T2I_WORKER_ENCODERS": "t5-small", "T2I_WORKER_PIPELINES": "sd3"})
+    with httpx.Client(base_url=api_url, timeout=30) as api:
+        refused = api.post("/v1/generate?encoder=t5-base", json={"prompt": "x", "pipeline": "sd3"})
+        assert refused.status_code == 503 and "'t5-base'" in refused.json()["error"]
+        ok = api.post("/v1/generate?encoder=t5-small&wait=true", json={"prompt": "x", "pipeline": "sd3"})
+        assert ok.json()["status"] == "succeeded"
+
+
+def test_metrics_carry_the_encoder_label(api, stack):
+    for encoder in ("t5-base", "t5-xxl"):
+        assert api.post(f"/v1/generate?wait=true&encoder={encoder}", json={"prompt": "m"}).json()["status"] == \
+            "succeeded"
+    text = httpx.get(stack.worker.info["metrics_url"]).text
+    for encoder in ("t5-base", "t5-xxl"):
+        assert f't2i_encode_duration_seconds_count{{encoder="{encoder}"}}' in text
+        assert f't2i_job_duration_seconds_count{{encoder="{encoder}",pipeline="flux"}}' in text
+        assert f't2i_encoder_resident_bytes{{device="cpu",encoder="{encoder}"}}' in text
+        assert f't2i_job_peak_memory_bytes{{device="cpu",encoder="{encoder}",pipeline="flux"}}' in text
+    assert 't2i_denoise_duration_seconds_count{pipeline="flux"}' in text
+    assert "t2i_queue_wait_duration_seconds_count" in text
+    api_metrics = api.get("/metrics").text
+    assert "t2i_queue_depth" in api_metrics and "t2i_workers_live" in api_metrics
+    assert 't2i_api_requests_total{endpoint="generate",status="accepted"}' in api_metrics
+    assert httpx.get(stack.worker.info["metrics_url"].replace("/metrics", "/healthz")).json() == {"status": "ok"}
