@@ -170,6 +170,75 @@ def cmd_worker(args: argparse.Namespace) -> None:
     sys.exit(run(settings, Registry.from_file(models_file(args))))
 
 
+def cmd_dataset_build(args: argparse.Namespace) -> None:
+    torch_setup(args)
+    from trainer.config import DatasetConfig, load_config
+    from trainer.dataset import build
+
+    config = load_config(DatasetConfig, args.config, args.overrides)
+    if config.models_file is None and getattr(args, "models_file", None) is None:
+        config.models_file = str(models_file(args))
+    manifest = build(config, args.output)
+    counts = manifest["counts"]
+    print(f"wrote {args.output}: train {sum(counts['train'].values())} {counts['train']}, "
+          f"validation {sum(counts['validation'].values())}; filtered {manifest['filtered']}")
+
+
+def _distill_config(args: argparse.Namespace):
+    from trainer.config import DistillConfig, load_config
+
+    config = load_config(DistillConfig, args.config, args.overrides)
+    if config.models_file is None:
+        config.models_file = str(models_file(args))
+    return config
+
+
+def cmd_distill_cache(args: argparse.Namespace) -> None:
+    torch_setup(args)
+    import torch
+
+    from trainer.components import Components
+    from trainer.dataset import read_split
+    from trainer.teacher_cache import build_cache
+
+    config = _distill_config(args)
+    out = args.output or config.teacher_cache or "teacher-cache"
+    splits = {"train": read_split(config.data, "train"), "validation": read_split(config.data, "validation")}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    components = Components(config, device=device, live_teacher=True, with_student=False)
+    build_cache(config, components, splits, out)
+    print(f"wrote the teacher cache to {out}; train with --teacher_cache={out}")
+
+
+def cmd_distill_train(args: argparse.Namespace) -> None:
+    torch_setup(args)
+    from trainer.distill import train
+
+    summary = train(_distill_config(args))
+    if summary["eval"]:
+        first, last = summary["eval"][0], summary["eval"][-1]
+        print(f"step {summary['step']}: held-out vision loss {first['vision_loss']:.4e} (step {first['step']}) -> "
+              f"{last['vision_loss']:.4e}; run in {summary['run_dir']}")
+
+
+def cmd_distill_export(args: argparse.Namespace) -> None:
+    torch_setup(args)
+    from trainer.export import export
+
+    out = export(args.checkpoint, args.output)
+    print(f"exported the student to {out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    torch_setup(args)
+    from trainer.evaluate import evaluate, markdown_table
+
+    config = _distill_config(args)
+    report = evaluate(config, args.student, args.out, per_criterion=args.prompts, clip_model=args.clip_model)
+    print(markdown_table(report))
+    print(f"wrote {args.out}/report.json, report.md, grid.png")
+
+
 def _service_settings(args: argparse.Namespace):
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     return get_settings().model_copy(update=updates)
@@ -237,6 +306,38 @@ def build_parser() -> argparse.ArgumentParser:
     wrk = sub.add_parser("worker", parents=[common], help="run a worker process (needs T2I_REDIS_URL)")
     wrk.set_defaults(func=cmd_worker)
 
+    ds = sub.add_parser("dataset", help="training prompt sets").add_subparsers(dest="dataset_command", required=True)
+    build = ds.add_parser("build", parents=[common], help="build the three-criteria prompt set")
+    build.add_argument("config", metavar="CONFIG", help="a YAML file or a preset (builtin-prompts)")
+    build.add_argument("-o", "--output", required=True, help="output directory")
+    build.add_argument("overrides", nargs="*", metavar="--key=value", help="config overrides")
+    build.set_defaults(func=cmd_dataset_build)
+
+    distill = sub.add_parser("distill", help="distil a student encoder").add_subparsers(dest="distill_command",
+                                                                                         required=True)
+    cache = distill.add_parser("cache-teacher", parents=[common], help="store the teacher's embeddings of the prompts")
+    cache.add_argument("config", metavar="CONFIG", help="a YAML file or a preset (tiny-cpu, flux-t5-base, ...)")
+    cache.add_argument("-o", "--output", help="cache directory (default: the config's teacher_cache)")
+    cache.add_argument("overrides", nargs="*", metavar="--key=value")
+    cache.set_defaults(func=cmd_distill_cache)
+    trn = distill.add_parser("train", parents=[common], help="vision-based distillation (resumes if interrupted)")
+    trn.add_argument("config", metavar="CONFIG", help="a YAML file or a preset (tiny-cpu, flux-t5-base, sd3-t5-base)")
+    trn.add_argument("overrides", nargs="*", metavar="--key=value", help="config overrides, e.g. --max_steps=100")
+    trn.set_defaults(func=cmd_distill_train)
+    exp = distill.add_parser("export", parents=[common], help="export a checkpoint as a Hugging Face model dir")
+    exp.add_argument("checkpoint", metavar="CKPT", help="a checkpoint dir, or a run dir (its latest checkpoint)")
+    exp.add_argument("-o", "--output", required=True)
+    exp.set_defaults(func=cmd_distill_export)
+
+    ev = sub.add_parser("eval", parents=[common], help="students vs the teacher on held-out prompts")
+    ev.add_argument("config", metavar="CONFIG", help="the distillation config (pipeline, teacher, data)")
+    ev.add_argument("--student", action="append", required=True, help="a student dir (repeat to compare several)")
+    ev.add_argument("--out", default="eval", help="report directory (default: eval)")
+    ev.add_argument("--prompts", type=int, default=8, help="held-out prompts per criterion (default: 8)")
+    ev.add_argument("--clip-model", help="a local CLIP model dir, for CLIP score")
+    ev.add_argument("overrides", nargs="*", metavar="--key=value")
+    ev.set_defaults(func=cmd_eval)
+
     models = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True)
     lst = models.add_parser("list", parents=[common], help="every pipeline and encoder known, with sizes")
     lst.add_argument("--json", action="store_true")
@@ -251,7 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # `--key=value` config overrides, for the commands that take them
+        if not hasattr(args, "overrides") or any("=" not in u or not u.startswith("--") for u in unknown):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*args.overrides, *unknown]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if getattr(args, "encoder", "unset") is None:

@@ -73,6 +73,19 @@ apple banana orange cake bread pizza coffee tea
 photo photograph painting drawing portrait landscape style art digital oil watercolor sketch render realistic
 detailed beautiful cinematic lighting night day morning sunset sunrise winter summer spring autumn
 is are has have sitting standing walking running flying swimming playing wearing looking
+misty lake soft golden highly photograph old fisherman weathered face dramatic side cozy reading nook seat warm rainy
+evening interior design field lavender wide angle macro dew drop leaf shallow depth futuristic skyline glowing neon
+bowl ramen soft boiled egg steam rising food ancient stone clear painting snowy cabin pine northern lights hummingbird
+minimalist living single plant architectural golden retriever action shot lighthouse rocky cliff storm crashing waves
+vintage bicycle leaning brick ivy floating earth stars background photorealistic japanese koi pond cherry blossoms
+steaming open herd elephants crossing dusty savanna hour terrarium succulents moss studio medieval hill surrounded
+fog fantasy concept close face piercing eyes wildlife sailboat calm turquoise bustling market paper lanterns stalls
+desert tall sand dunes lone camel shadows perched branch full illustration bouquet peonies ceramic still life
+waterfall lush tropical rainforest exposure cute watering plants greenhouse render winding through rolling hills
+aerial chocolate raspberries marble counter bakery curled asleep fresh sunflower stretching horizon puffy station
+sunlight streaming colorful hot air balloon festival valley dawn underwater coral reef fish vibrant colors rustic
+dinner candles wine glasses stormy fishing masters leopard ledge cobblestone paris after reflections lamps bonsai
+pedestal sign reading poster printed shirt worn standing under neon that says
 """.split()
 _CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:'\"!?-()&/")
 

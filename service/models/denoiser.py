@@ -108,23 +108,31 @@ class Denoiser:
     ) -> dict[str, Any]:
         """The pipeline keywords (`prompt_embeds`, `pooled_prompt_embeds`, negatives for SD3) for these prompts.
 
-        The CLIP half is computed by the pipeline's own CLIP helper, the T5 half is given, and they are joined the
+        The CLIP half is computed by the pipeline's own CLIP helpers, the T5 half is given, and they are joined the
         way the pipeline's `encode_prompt` joins them, so the result equals the stock route bit for bit.
         """
-        t5_embeds = t5_embeds.to(self.device, self.dtype)
-        if self.family == "flux":
-            pooled = self.pipe._get_clip_prompt_embeds(prompts, num_images_per_prompt=1, device=self.device)
-            return {"prompt_embeds": t5_embeds, "pooled_prompt_embeds": pooled}
-        embeds, pooled = self._sd3_join(prompts, t5_embeds)
-        kwargs = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-        if negative is not None:
-            neg_embeds, neg_pooled = self._sd3_join(negative[0], negative[1].to(self.device, self.dtype))
-            kwargs.update(negative_prompt_embeds=neg_embeds, negative_pooled_prompt_embeds=neg_pooled)
+        clip_tokens, pooled = self.clip_conditioning(prompts)
+        kwargs = {"prompt_embeds": self.join(clip_tokens, t5_embeds), "pooled_prompt_embeds": pooled}
+        if negative is not None and self.family == "sd3":
+            neg_tokens, neg_pooled = self.clip_conditioning(negative[0])
+            kwargs.update(negative_prompt_embeds=self.join(neg_tokens, negative[1]),
+                          negative_pooled_prompt_embeds=neg_pooled)
         return kwargs
 
-    def _sd3_join(self, prompts: list[str], t5_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def clip_conditioning(self, prompts: list[str]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(per-token CLIP embeddings or None, pooled CLIP vector). FLUX uses only the pooled CLIP-L vector; SD3
+        also prepends both CLIPs' penultimate hidden states to the T5 tokens."""
+        if self.family == "flux":
+            return None, self.pipe._get_clip_prompt_embeds(prompts, num_images_per_prompt=1, device=self.device)
         clip_l, pooled_l = self.pipe._get_clip_prompt_embeds(prompts, device=self.device, clip_model_index=0)
         clip_g, pooled_g = self.pipe._get_clip_prompt_embeds(prompts, device=self.device, clip_model_index=1)
-        clip = torch.cat([clip_l, clip_g], dim=-1)
-        clip = F.pad(clip, (0, t5_embeds.shape[-1] - clip.shape[-1]))
-        return torch.cat([clip, t5_embeds], dim=-2), torch.cat([pooled_l, pooled_g], dim=-1)
+        return torch.cat([clip_l, clip_g], dim=-1), torch.cat([pooled_l, pooled_g], dim=-1)
+
+    def join(self, clip_tokens: torch.Tensor | None, t5_embeds: torch.Tensor) -> torch.Tensor:
+        """The transformer's `encoder_hidden_states`: the T5 tokens (FLUX), or CLIP tokens padded to the T5 width
+        followed by the T5 tokens (SD3). Differentiable in `t5_embeds`, for distillation."""
+        t5_embeds = t5_embeds.to(self.device, self.dtype)
+        if clip_tokens is None:
+            return t5_embeds
+        clip_tokens = F.pad(clip_tokens.to(self.device, self.dtype), (0, t5_embeds.shape[-1] - clip_tokens.shape[-1]))
+        return torch.cat([clip_tokens, t5_embeds], dim=-2)
