@@ -92,7 +92,7 @@ class Components:
         """(teacher T5 embeddings, CLIP tokens or None, pooled CLIP) as the pipeline conditions on them."""
         if self.teacher is None:
             raise ConfigError("no live teacher: this run reads the teacher cache")
-        t5 = self.teacher.encode(prompts).embeds
+        t5 = self.teacher.encode(prompts).embeds.clone()  # out of inference mode: usable as a loss target
         clip, pooled = self.denoiser.clip_conditioning(prompts)
         return t5, clip, pooled
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
 from service.models.devices import set_threads
@@ -266,6 +267,9 @@ def train(config: DistillConfig, *, show_progress: bool = True, stop_after: int 
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
+    # Accelerate keeps its mixed-precision choice in a process-wide singleton; forget it, so that a later train()
+    # in the same process (tests, notebooks) may choose another. The process group (PartialState) stays.
+    AcceleratorState._reset_state()
     return summary
 
 
