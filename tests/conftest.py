@@ -71,7 +71,7 @@ def redis_server():
 @pytest.fixture(scope="session")
 def stack(redis_server, models_file, tmp_path_factory):
     """An API process and one worker process on the demo kit, shared by the service tests."""
-    from stack import Stack
+    from tests.stack import Stack
 
     stack = Stack(redis_server.url, models_file, tmp_path_factory.mktemp("logs"))
     stack.api_url = stack.start_api()

@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from pixels import pixel_diff
+from tests.pixels import pixel_diff
 from service.cli import main
 
 

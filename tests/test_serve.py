@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 
 from service.redis_server import free_port
-from stack import wait_for
+from tests.stack import wait_for
 
 
 def children(pid: int) -> list[int]:

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from pixels import pixel_diff
+from tests.pixels import pixel_diff
 from service.models.generation import GenerationRequest
 
 
@@ -44,7 +44,7 @@ def test_202_location_and_polling(api):
     assert response.status_code == 202
     location = response.headers["location"]
     assert location == f"/v1/jobs/{response.json()['id']}"
-    from stack import wait_for
+    from tests.stack import wait_for
 
     job = wait_for(lambda: (j := api.get(location).json())["status"] == "succeeded" and j, 30, "the job")
     assert job["worker"] and job["attempts"] == 1 and job["images"][0].endswith(f"{location}/images/0")
@@ -105,7 +105,7 @@ def test_registry_endpoints_show_sizes_from_the_workers(api, stack):
     assert encoders["t5-base"]["width"] == 64 and stack.worker.info["id"] in encoders["t5-base"]["served_by"]
     run(api, {"prompt": "x"}, encoder="t5-large")
     encoders = {e["name"]: e for e in api.get("/v1/encoders").json()}
-    from stack import wait_for
+    from tests.stack import wait_for
 
     wait_for(lambda: stack.worker.info["id"] in {e["name"]: e for e in api.get("/v1/encoders").json()}
              ["t5-large"]["resident_on"], 5, "the heartbeat to show t5-large resident")

@@ -7,7 +7,7 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from transformers import AutoTokenizer, T5EncoderModel
 
-from pixels import pixel_diff
+from tests.pixels import pixel_diff
 from service.errors import CancelledError, ModelLoadError, ValidationError
 from service.models.demo import TEACHER_WIDTH, T5Size, build_student, build_t5_tokenizer
 from service.models.generation import GenerationRequest, Generator

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from service.cli import main
 from service.models.student import T5EncoderWithProjection
-from stack import Stack
+from tests.stack import Stack
 from trainer.distill import train
 from trainer.evaluate import evaluate
 from trainer.export import export

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from service import queue
-from stack import Stack, wait_for
+from tests.stack import Stack, wait_for
 
 LONG_JOB = {"prompt": "a long job", "width": 512, "height": 512, "steps": 60, "seed": 1}  # ~8 s on one CPU thread
 
