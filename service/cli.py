@@ -239,6 +239,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/report.json, report.md, grid.png")
 
 
+def cmd_world_train(args: argparse.Namespace) -> None:
+    torch_setup(args)
+    from trainer.world.train import train_world
+
+    out = train_world(args.output, vae_minutes=args.vae_minutes, minutes=args.minutes, seed=args.seed)
+    print(f"wrote the miniature world's model kit to {out}; use it with T2I_MODELS_FILE={out / 'models.yaml'}")
+
+
 def _service_settings(args: argparse.Namespace):
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     return get_settings().model_copy(update=updates)
@@ -337,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--clip-model", help="a local CLIP model dir, for CLIP score")
     ev.add_argument("overrides", nargs="*", metavar="--key=value")
     ev.set_defaults(func=cmd_eval)
+
+    world = sub.add_parser("world", help="the miniature world").add_subparsers(dest="world_command", required=True)
+    wt = world.add_parser("train", parents=[common], help="train the miniature text-to-image model from scratch")
+    wt.add_argument("-o", "--output", required=True, help="kit directory to write")
+    wt.add_argument("--vae-minutes", type=float, default=6.0, help="time budget of the VAE (default 6)")
+    wt.add_argument("--minutes", type=float, default=45.0, help="time budget of the denoiser (default 45)")
+    wt.add_argument("--seed", type=int, default=0)
+    wt.set_defaults(func=cmd_world_train)
 
     models = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True)
     lst = models.add_parser("list", parents=[common], help="every pipeline and encoder known, with sizes")

@@ -139,16 +139,17 @@ def _t5_config(size: T5Size, vocab_size: int) -> T5Config:
     )
 
 
-def build_teacher(tokenizer: T5Tokenizer, seed: int = 0) -> T5EncoderModel:
+def build_teacher(tokenizer: T5Tokenizer, seed: int = 0, size: T5Size = TEACHER) -> T5EncoderModel:
     torch.manual_seed(seed)
-    return T5EncoderModel(_t5_config(TEACHER, len(tokenizer))).eval()
+    return T5EncoderModel(_t5_config(size, len(tokenizer))).eval()
 
 
-def build_student(size: T5Size, tokenizer: T5Tokenizer, seed: int) -> T5EncoderWithProjection:
+def build_student(size: T5Size, tokenizer: T5Tokenizer, seed: int,
+                  project_out_dim: int = TEACHER_WIDTH) -> T5EncoderWithProjection:
     torch.manual_seed(seed)
     config = _t5_config(size, len(tokenizer))
     config.project_in_dim = size.d_model
-    config.project_out_dim = TEACHER_WIDTH
+    config.project_out_dim = project_out_dim
     config.architectures = [T5EncoderWithProjection.__name__]
     return T5EncoderWithProjection(config).eval()
 

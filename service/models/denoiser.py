@@ -113,7 +113,7 @@ class Denoiser:
         """
         clip_tokens, pooled = self.clip_conditioning(prompts)
         kwargs = {"prompt_embeds": self.join(clip_tokens, t5_embeds), "pooled_prompt_embeds": pooled}
-        if negative is not None and self.family == "sd3":
+        if negative is not None:  # SD3's CFG, or FLUX's true CFG
             neg_tokens, neg_pooled = self.clip_conditioning(negative[0])
             kwargs.update(negative_prompt_embeds=self.join(neg_tokens, negative[1]),
                           negative_pooled_prompt_embeds=neg_pooled)

@@ -142,7 +142,8 @@ class Generator:
 
         # 3. Encode the prompt with the chosen T5 encoder (and the negative prompt when SD3 uses CFG).
         start = time.perf_counter()
-        use_negative = spec.family == "sd3" and guidance > 1.0
+        true_cfg = spec.family == "flux" and spec.true_cfg_scale > 1.0
+        use_negative = (spec.family == "sd3" and guidance > 1.0) or true_cfg
         prompts = [request.prompt]
         if use_negative:
             prompts.append(request.negative_prompt or "")
@@ -158,6 +159,7 @@ class Generator:
         start = time.perf_counter()
         negative = ([prompts[1]], encoded.embeds[1:2]) if use_negative else None
         cond = denoiser.conditioning([request.prompt], encoded.embeds[0:1], negative)
+        extra = {"true_cfg_scale": spec.true_cfg_scale} if true_cfg else {}
         cond = {k: v.repeat_interleave(request.num_images, dim=0) for k, v in cond.items()}
         timings["clip"] = time.perf_counter() - start
 
@@ -185,6 +187,7 @@ class Generator:
             max_sequence_length=encoder.spec.max_sequence_length,
             callback_on_step_end=step_end,
             output_type="pil",
+            **extra,
         )
         end = time.perf_counter()
 

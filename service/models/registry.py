@@ -86,6 +86,9 @@ class PipelineSpec(Source):
     height: int = Field(1024, ge=8, le=4096, description="Default image height in pixels.")
     steps: int = Field(28, ge=1, le=200, description="Default number of denoising steps.")
     guidance: float = Field(3.5, ge=0.0, le=50.0, description="Default guidance scale.")
+    true_cfg_scale: float = Field(
+        1.0, ge=1.0, le=50.0, description="FLUX only: > 1 runs true classifier-free guidance against an empty prompt."
+    )
 
 
 class EncoderSpec(Source):
