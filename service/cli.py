@@ -35,16 +35,18 @@ def _quiet_libraries() -> None:
 
 
 def models_file(args: argparse.Namespace, *, build_in_child: bool = False) -> Path:
-    """The configured models file, or the embedded demo kit (built on first use).
+    """`--models-file`, `T2I_MODELS_FILE`, the shipped miniature kit, or the demo kit (built on first use).
 
-    `build_in_child` builds the kit in a child process, so that the API and the supervisor never import torch.
+    `build_in_child` builds the demo kit in a child process, so that the API and the supervisor never import torch.
     """
-    settings = get_settings()
-    chosen = getattr(args, "models_file", None) or settings.models_file
+    from service.models.registry import default_models_file
+
+    chosen = getattr(args, "models_file", None)
     if chosen is not None:
         return Path(chosen)
-    demo = settings.demo_dir
-    if not (demo / "models.yaml").exists():
+    path = default_models_file()
+    demo = get_settings().demo_dir
+    if path == demo / "models.yaml" and not path.exists():
         print(f"building the demo model kit at {demo} (once)", file=sys.stderr, flush=True)
         if build_in_child:
             import subprocess
@@ -55,7 +57,7 @@ def models_file(args: argparse.Namespace, *, build_in_child: bool = False) -> Pa
             from service.models.demo import ensure_demo
 
             ensure_demo(demo)
-    return demo / "models.yaml"
+    return path
 
 
 def torch_setup(args: argparse.Namespace) -> None:
@@ -247,6 +249,42 @@ def cmd_world_train(args: argparse.Namespace) -> None:
     print(f"wrote the miniature world's model kit to {out}; use it with T2I_MODELS_FILE={out / 'models.yaml'}")
 
 
+def cmd_world_prompts(args: argparse.Namespace) -> None:
+    from trainer.world.prompts import write_prompts
+
+    manifest = write_prompts(args.output, train=args.train, validation=args.validation, seed=args.seed)
+    print(f"wrote {args.output}: {manifest['counts']}")
+
+
+def cmd_world_eval(args: argparse.Namespace) -> None:
+    torch_setup(args)
+    import json as _json
+
+    from service.models.generation import Generator
+    from service.models.registry import Registry
+    from trainer.world.accuracy import encoder_accuracy, held_out_prompts
+
+    registry = Registry.from_file(models_file(args))
+    generator = Generator(registry)
+    prompts = held_out_prompts(args.prompts)
+    report = {name: encoder_accuracy(generator, args.pipeline, name, prompts, steps=args.steps)
+              for name in (args.encoder or list(registry.encoders))}
+    print(_json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(_json.dumps(report, indent=2))
+
+
+def cmd_world_paper(args: argparse.Namespace) -> None:
+    torch_setup(args)
+    from trainer.world.paper import install_students, results_table, run_paper
+
+    report = run_paper(args.kit, args.output, max_steps=args.max_steps, prompts=args.prompts)
+    print(results_table(report))
+    if args.install:
+        install_students(args.output, args.kit)
+        print(f"installed the distilled students into {args.kit}")
+
+
 def _service_settings(args: argparse.Namespace):
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     return get_settings().model_copy(update=updates)
@@ -353,6 +391,26 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--minutes", type=float, default=45.0, help="time budget of the denoiser (default 45)")
     wt.add_argument("--seed", type=int, default=0)
     wt.set_defaults(func=cmd_world_train)
+    wp = world.add_parser("prompts", help="write the world's prompt set in the trainer's dataset format")
+    wp.add_argument("-o", "--output", required=True)
+    wp.add_argument("--train", type=int, default=4000)
+    wp.add_argument("--validation", type=int, default=200)
+    wp.add_argument("--seed", type=int, default=0)
+    wp.set_defaults(func=cmd_world_prompts)
+    we = world.add_parser("eval", parents=[common], help="the evaluator's accuracy per encoder on held-out prompts")
+    we.add_argument("--encoder", action="append", help="encoder to evaluate (repeat; default: all)")
+    we.add_argument("--pipeline", default="flux")
+    we.add_argument("--prompts", type=int, default=120)
+    we.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
+    we.add_argument("--out", help="also write the JSON report here")
+    we.set_defaults(func=cmd_world_eval)
+    wpp = world.add_parser("paper", parents=[common], help="distil students at 1/4, 1/16, 1/64 and read their images")
+    wpp.add_argument("--kit", required=True, help="a kit from `t2i world train`")
+    wpp.add_argument("-o", "--output", required=True)
+    wpp.add_argument("--max-steps", type=int, default=2000)
+    wpp.add_argument("--prompts", type=int, default=200, help="held-out prompts per encoder")
+    wpp.add_argument("--install", action="store_true", help="put the distilled students into the kit")
+    wpp.set_defaults(func=cmd_world_paper)
 
     models = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True)
     lst = models.add_parser("list", parents=[common], help="every pipeline and encoder known, with sizes")

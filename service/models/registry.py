@@ -196,18 +196,29 @@ def _resolve(body: dict, base_dir: Path) -> dict:
     return body
 
 
-def load_registry(models_file: Path | None = None) -> Registry:
-    """The registry from `models_file`, or from settings (`T2I_MODELS_FILE`), or the embedded demo kit."""
+MINIATURE_KIT = Path(__file__).parent / "miniature" / "models.yaml"
+
+
+def default_models_file() -> Path:
+    """The models file in force: `T2I_MODELS_FILE`, else the miniature world's kit shipped with the package (trained
+    models that draw what the prompt says), else the demo kit under `T2I_HOME` (random tiny models)."""
     from service.settings import get_settings
 
     settings = get_settings()
-    models_file = models_file or settings.models_file
-    if models_file is None:
-        models_file = settings.demo_dir / "models.yaml"
-        if not models_file.exists():
-            raise ConfigError(
-                f"no models file configured and the demo kit is not built at {str(settings.demo_dir)!r}; "
-                "run `t2i models make-demo` (the CLI and `t2i serve` do it for you)",
-                field="models_file",
-            )
+    if settings.models_file is not None:
+        return settings.models_file
+    if MINIATURE_KIT.exists():
+        return MINIATURE_KIT
+    return settings.demo_dir / "models.yaml"
+
+
+def load_registry(models_file: Path | None = None) -> Registry:
+    """The registry from `models_file`, or the default (see `default_models_file`)."""
+    models_file = models_file or default_models_file()
+    if not models_file.exists():
+        raise ConfigError(
+            f"models file {str(models_file)!r} does not exist; for the demo kit run `t2i models make-demo "
+            f"{models_file.parent}` (the CLI and `t2i serve` do it for you)",
+            field="models_file",
+        )
     return Registry.from_file(models_file)

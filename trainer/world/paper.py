@@ -1,0 +1,91 @@
+"""The paper in miniature: `t2i world paper --kit KIT -o OUT`.
+
+Distils students at about 1/4, 1/16 and 1/64 of the teacher encoder's parameters with the project's own trainer
+(step-following vision distillation, preset `miniature`), plus the plain embedding-MSE baseline at the base size; then
+reads every encoder's images with the exact evaluator. Writes OUT/results.json, OUT/results.md and OUT/accuracy.png,
+and the distilled students as Hugging Face dirs under OUT/students/.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from service.models.generation import Generator
+from service.models.registry import Registry
+from service.models.sizes import encoder_row
+from trainer.config import DistillConfig, load_config
+from trainer.distill import train
+from trainer.export import export
+from trainer.world.accuracy import encoder_accuracy, held_out_prompts, plot_accuracy
+from trainer.world.prompts import write_prompts
+
+RUNS = (("t5-large", "step-following"), ("t5-base", "step-following"), ("t5-small", "step-following"),
+        ("t5-base", "embedding-mse"))
+
+
+def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 2000, prompts: int = 200,
+              show_progress: bool = True) -> dict:
+    kit, out = Path(kit).resolve(), Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    models = kit / "models.yaml"
+    data = out / "world-data"
+    write_prompts(data)
+
+    # 1. Distil each student (and the embedding-MSE baseline), then export it.
+    students: dict[str, Path] = {}
+    for role, mode in RUNS:
+        name = f"{role}-distilled" if mode == "step-following" else f"{role}-embedding-mse"
+        config: DistillConfig = load_config(DistillConfig, "miniature", [
+            f"--models_file={models}", f"--student={role}", f"--data={data}", f"--mode={mode}",
+            f"--output_dir={out / 'runs' / name}", f"--max_steps={max_steps}",
+        ])
+        train(config, show_progress=show_progress)
+        students[name] = export(config.output_dir, out / "students" / name)
+
+    # 2. One registry with the teacher, the untrained students and the distilled ones.
+    raw = yaml.safe_load(models.read_text())
+    for section in raw.values():
+        for body in section.values():
+            if str(body["source"]).startswith("."):
+                body["source"] = str((kit / body["source"]).resolve())
+    untrained = [n for n, e in raw["encoders"].items() if e["kind"] == "student"]
+    for name, path in students.items():
+        raw["encoders"][name] = {"kind": "student", "source": str(path), "max_sequence_length": 16}
+    (out / "models.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    registry = Registry.from_file(out / "models.yaml")
+
+    # 3. The evaluator's accuracy of every encoder on the same held-out prompts and seeds.
+    generator = Generator(registry)
+    held_out = held_out_prompts(prompts)
+    order = [registry.teacher.name, *students, *untrained]
+    report = {name: encoder_accuracy(generator, "flux", name, held_out) for name in order}
+    for name in order:
+        report[name]["params"] = encoder_row(registry.encoder(name)).params
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text(results_table(report))
+    plot_accuracy({k: v for k, v in report.items() if k not in untrained or k == "t5-base"}, out / "accuracy.png")
+    return report
+
+
+def results_table(report: dict) -> str:
+    attributes = sorted({k for r in report.values() for k in r["attributes"]})
+    header = "| encoder | parameters | semantics | text rendering | " + " | ".join(attributes) + " |"
+    lines = [header, "|" + "---|" * (len(attributes) + 4)]
+    for name, r in report.items():
+        cells = [f"{r['criteria'].get('semantics', 0):.0%}", f"{r['criteria'].get('text_rendering', 0):.0%}"]
+        cells += [f"{r['attributes'].get(a, 0):.0%}" for a in attributes]
+        lines.append(f"| {name} | {r['params']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def install_students(out_dir: str | Path, kit: str | Path) -> None:
+    """Replace the kit's untrained students by the distilled ones (what the service then serves)."""
+    for role in ("t5-large", "t5-base", "t5-small"):
+        source = Path(out_dir) / "students" / f"{role}-distilled"
+        target = Path(kit) / "encoders" / role
+        shutil.rmtree(target)
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("README.md"))
