@@ -85,7 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     request = GenerationRequest(
         prompt=args.prompt, pipeline=args.pipeline, encoder=args.encoder, width=args.width, height=args.height,
         steps=args.steps, guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt,
-        num_images=args.num_images,
+        num_images=args.num_images, loras=tuple(_lora_ref(ref) for ref in args.lora),
     )
     result = generator.generate(request)
     for warning in result.warnings:
@@ -98,6 +98,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         image.save(path, format=fmt)
     timings = " ".join(f"{k}={v * 1000:.1f}ms" for k, v in result.timings.items())
     print(f"wrote {', '.join(map(str, paths))} (seed {result.seed}; {timings})")
+
+
+def _lora_ref(text: str) -> tuple[str, float | None]:
+    name, _, scale = text.partition(":")
+    try:
+        return name, float(scale) if scale else None
+    except ValueError:
+        raise ValidationError(f"`--lora` {text!r} is not NAME or NAME:SCALE", field="lora") from None
 
 
 def cmd_models_list(args: argparse.Namespace) -> None:
@@ -338,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float)
     gen.add_argument("--negative-prompt", help="sd3 only")
     gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
+                     help="a registered LoRA adapter (repeatable)")
     gen.add_argument("--device", help="device of the denoiser (default: the models file's; auto = cuda if present)")
     gen.add_argument("--encoder-device", help="device of the T5 encoder (e.g. cpu beside a cuda denoiser)")
     gen.set_defaults(func=cmd_generate)
@@ -354,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ds = sub.add_parser("dataset", help="training prompt sets").add_subparsers(dest="dataset_command", required=True)
     build = ds.add_parser("build", parents=[common], help="build the three-criteria prompt set")
-    build.add_argument("config", metavar="CONFIG", help="a YAML file or a preset (builtin-prompts)")
+    build.add_argument("config", metavar="CONFIG", nargs="?", help="a YAML file or a preset (builtin-prompts)")
+    build.add_argument("--preset", help="a preset name, instead of CONFIG")
     build.add_argument("-o", "--output", required=True, help="output directory")
     build.add_argument("overrides", nargs="*", metavar="--key=value", help="config overrides")
     build.set_defaults(func=cmd_dataset_build)
@@ -362,12 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     distill = sub.add_parser("distill", help="distil a student encoder").add_subparsers(dest="distill_command",
                                                                                          required=True)
     cache = distill.add_parser("cache-teacher", parents=[common], help="store the teacher's embeddings of the prompts")
-    cache.add_argument("config", metavar="CONFIG", help="a YAML file or a preset (tiny-cpu, flux-t5-base, ...)")
+    cache.add_argument("config", metavar="CONFIG", nargs="?", help="a YAML file or a preset (tiny-cpu, flux-t5-base, ...)")
+    cache.add_argument("--preset", help="a preset name, instead of CONFIG")
     cache.add_argument("-o", "--output", help="cache directory (default: the config's teacher_cache)")
     cache.add_argument("overrides", nargs="*", metavar="--key=value")
     cache.set_defaults(func=cmd_distill_cache)
     trn = distill.add_parser("train", parents=[common], help="vision-based distillation (resumes if interrupted)")
-    trn.add_argument("config", metavar="CONFIG", help="a YAML file or a preset (tiny-cpu, flux-t5-base, sd3-t5-base)")
+    trn.add_argument("config", metavar="CONFIG", nargs="?", help="a YAML file or a preset (tiny-cpu, flux-t5-base, sd3-t5-base)")
+    trn.add_argument("--preset", help="a preset name, instead of CONFIG")
     trn.add_argument("overrides", nargs="*", metavar="--key=value", help="config overrides, e.g. --max_steps=100")
     trn.set_defaults(func=cmd_distill_train)
     exp = distill.add_parser("export", parents=[common], help="export a checkpoint as a Hugging Face model dir")
@@ -376,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_distill_export)
 
     ev = sub.add_parser("eval", parents=[common], help="students vs the teacher on held-out prompts")
-    ev.add_argument("config", metavar="CONFIG", help="the distillation config (pipeline, teacher, data)")
+    ev.add_argument("config", metavar="CONFIG", nargs="?", help="the distillation config (pipeline, teacher, data)")
+    ev.add_argument("--preset", help="a preset name, instead of CONFIG")
     ev.add_argument("--student", action="append", required=True, help="a student dir (repeat to compare several)")
     ev.add_argument("--out", default="eval", help="report directory (default: eval)")
     ev.add_argument("--prompts", type=int, default=8, help="held-out prompts per criterion (default: 8)")
@@ -434,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *unknown]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if hasattr(args, "preset"):
+            if (args.config is None) == (args.preset is None):
+                raise ValidationError("give CONFIG (a YAML file or a preset name) or --preset NAME, not both",
+                                      field="CONFIG")
+            args.config = args.config or args.preset
         if getattr(args, "encoder", "unset") is None:
             args.encoder = _default_encoder(args)
         args.func(args)

@@ -31,6 +31,13 @@ OutputFormat = Literal["png", "webp", "jpeg"]
 CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 
 
+class LoraRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, description="A registered LoRA (see GET /v1/loras).")
+    scale: float | None = Field(None, ge=-4.0, le=4.0, description="Default: the LoRA's registered scale.")
+
+
 class GenerateParams(BaseModel):
     """The body of `POST /v1/generate`. The encoder comes as the `encoder` query parameter (or this field)."""
 
@@ -47,6 +54,8 @@ class GenerateParams(BaseModel):
     negative_prompt: str | None = Field(None, description="SD3 pipelines only.")
     num_images: int = Field(1, ge=1, le=8, description="Images for this prompt, each from its own noise.")
     output_format: OutputFormat = Field("png", description="png | webp | jpeg")
+    loras: list[LoraRef] = Field(default_factory=list, max_length=4,
+                                 description="LoRA adapters for this job, by registry name, with scales.")
 
 
 class JobError(BaseModel):

@@ -41,6 +41,14 @@ DENOISE_SECONDS = Histogram(
     "t2i_denoise_duration_seconds", "Time of the denoising loop.", ["pipeline"], buckets=LATENCY_BUCKETS
 )
 DECODE_SECONDS = Histogram("t2i_decode_duration_seconds", "Time of VAE decoding.", ["pipeline"], buckets=LATENCY_BUCKETS)
+ADAPTER_JOBS = Counter(
+    "t2i_adapter_jobs_total", "Jobs run with or without LoRA adapters (not labelled by adapter set).",
+    ["pipeline", "adapters"],
+)
+ADAPTER_SWITCH_SECONDS = Histogram(
+    "t2i_adapter_switch_duration_seconds", "Time to change the active LoRA adapters (load, set, disable).",
+    ["pipeline"], buckets=LATENCY_BUCKETS,
+)
 DENOISER_RESIDENT_BYTES = Gauge(
     "t2i_denoiser_resident_bytes", "Bytes of a pipeline's denoiser (transformer, VAE, CLIP).", ["pipeline", "device"]
 )

@@ -27,13 +27,12 @@ async def submit(params: GenerateParams, *, registry: Registry, queue: QueueClie
         raise ValidationError(
             f"`prompt` has {len(params.prompt)} characters; the limit is {settings.max_prompt_chars}", field="prompt"
         )
-    if not params.prompt.strip():
-        raise ValidationError("`prompt` is blank", field="prompt")
-    if params.negative_prompt is not None and spec.family != "sd3":
-        raise ValidationError(
-            f"`negative_prompt` is used by sd3 pipelines only; {spec.name!r} is {spec.family}",
-            field="negative_prompt",
-        )
+    spec.check_request(params.prompt, params.negative_prompt)
+    names = [ref.name for ref in params.loras]
+    if len(set(names)) != len(names):
+        raise ValidationError(f"`loras` names an adapter twice: {names}", field="loras")
+    for name in names:
+        registry.lora(name, spec.name)
 
     # 3. A live worker must serve this pipeline with this encoder; its facts give the size multiple.
     workers = await queue.live_workers()

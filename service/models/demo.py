@@ -7,6 +7,7 @@
     DIR/pipelines/sd3/              a tiny StableDiffusion3Pipeline (transformer, VAE, two CLIPs), T5 slot empty
     DIR/encoders/t5-xxl/            the teacher: a T5EncoderModel + tokenizer (the widest)
     DIR/encoders/t5-{large,base,small}/   students (T5EncoderWithProjection) sharing the teacher's tokenizer
+    DIR/loras/{flux,sd3}-style/     a tiny LoRA adapter per pipeline (peft, saved as diffusers saves LoRAs)
 
 Weights are random but deterministic: the same command gives byte-identical weight and tokenizer files. The kit is
 the embedded default whenever no models file is configured, and what the tests use.
@@ -254,6 +255,20 @@ def build_sd3(clip_tokenizer: CLIPTokenizer, seed: int = 20) -> StableDiffusion3
     )
 
 
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def build_lora(transformer: torch.nn.Module, seed: int, strength: float = 20.0) -> dict[str, torch.Tensor]:
+    """A random LoRA on a tiny transformer's attention projections (adds the adapter to `transformer`). Random
+    A and B, B scaled up so that the adapter visibly changes the image."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False))
+    state = get_peft_model_state_dict(transformer)
+    return {k: (v * strength if "lora_B" in k else v).contiguous() for k, v in state.items()}
+
+
 def models_file_dict() -> dict:
     """The demo kit's models file, with sources relative to it."""
     common = {"dtype": "auto", "device": "auto", "width": DEMO_SIZE, "height": DEMO_SIZE, "steps": 4}
@@ -266,6 +281,11 @@ def models_file_dict() -> dict:
             "sd3": {"family": "sd3", "source": "./pipelines/sd3", "guidance": 5.0, **common},
         },
         "encoders": encoders,
+        "loras": {
+            f"{p}-style": {"pipeline": p, "source": f"./loras/{p}-style",
+                           "weight_name": "pytorch_lora_weights.safetensors", "scale": 1.0}
+            for p in ("flux", "sd3")
+        },
     }
 
 
@@ -291,9 +311,12 @@ def make_demo(out_dir: str | Path, *, overwrite: bool = False) -> Path:
         build_student(size, t5_tokenizer, seed=index).save_pretrained(student_dir)
         t5_tokenizer.save_pretrained(student_dir)
 
-    # 3. Pipelines, with the T5 slot left empty: the encoder is chosen per call.
-    build_flux(clip_tokenizer).save_pretrained(tmp / "pipelines" / "flux")
-    build_sd3(clip_tokenizer).save_pretrained(tmp / "pipelines" / "sd3")
+    # 3. Pipelines, with the T5 slot left empty: the encoder is chosen per call; a LoRA adapter for each.
+    for name, build, seed in (("flux", build_flux, 30), ("sd3", build_sd3, 31)):
+        pipe = build(clip_tokenizer)
+        pipe.save_pretrained(tmp / "pipelines" / name)
+        type(pipe).save_lora_weights(tmp / "loras" / f"{name}-style",
+                                     transformer_lora_layers=build_lora(pipe.transformer, seed))
 
     # 4. The models file.
     (tmp / "models.yaml").write_text(

@@ -7,6 +7,7 @@ the transformer's `joint_attention_dim` can drive it.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
 
 from service.errors import ModelLoadError, ValidationError
 from service.models.devices import module_bytes, module_params, resolve_device, resolve_dtype
-from service.models.registry import PipelineSpec
+from service.models.registry import LoraSpec, PipelineSpec
 
 # family -> (pipeline class, the keyword of its T5 slot(s) to leave empty)
 FAMILIES: dict[str, tuple[type[DiffusionPipeline], dict[str, None]]] = {
@@ -28,6 +29,8 @@ class Denoiser:
     def __init__(self, spec: PipelineSpec, pipe: DiffusionPipeline):
         self.spec = spec
         self.pipe = pipe
+        self.loaded_loras: set[str] = set()
+        self.active_loras: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def load(cls, spec: PipelineSpec, *, device: str | None = None) -> "Denoiser":
@@ -100,6 +103,35 @@ class Denoiser:
                 raise ValidationError(
                     f"`{field}`={value} is not a multiple of {m}, which pipeline {self.name!r} needs", field=field
                 )
+
+    # -- adapters ----------------------------------------------------------------------------------------------
+    def use_loras(self, loras: list[tuple[LoraSpec, float]]) -> float:
+        """Make exactly these LoRA adapters active at these scales (none: every adapter off), with diffusers' own
+        adapter API: each is loaded once (`load_lora_weights`), then switched by `set_adapters` / `disable_lora`,
+        never fused, so nothing leaks into the next job. Returns the seconds the switch took (0 when unchanged)."""
+        wanted = tuple((spec.name, float(scale)) for spec, scale in loras)
+        if wanted == self.active_loras:
+            return 0.0
+        start = time.perf_counter()
+        for spec, _ in loras:
+            if spec.name in self.loaded_loras:
+                continue
+            spec.check_local(f"lora {spec.name!r}")
+            kwargs = spec.hf_kwargs()
+            if spec.weight_name:
+                kwargs["weight_name"] = spec.weight_name
+            try:
+                self.pipe.load_lora_weights(spec.source, adapter_name=spec.name, **kwargs)
+            except Exception as exc:  # missing file, weights for another architecture
+                raise ModelLoadError(f"lora {spec.name!r}: cannot load {spec.describe()}: {exc}", field="loras") from exc
+            self.loaded_loras.add(spec.name)
+        if wanted:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([name for name, _ in wanted], adapter_weights=[scale for _, scale in wanted])
+        else:
+            self.pipe.disable_lora()
+        self.active_loras = wanted
+        return time.perf_counter() - start
 
     # -- conditioning ------------------------------------------------------------------------------------------
     @torch.inference_mode()

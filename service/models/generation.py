@@ -39,13 +39,14 @@ class GenerationRequest:
     seed: int | None = None
     negative_prompt: str | None = None
     num_images: int = 1
+    loras: tuple[tuple[str, float | None], ...] = ()  # (registered LoRA name, scale or None for its default)
 
 
 @dataclass
 class GenerationResult:
     images: list[Image.Image]
     seed: int
-    timings: dict[str, float]  # seconds: encode (T5), clip, denoise, decode
+    timings: dict[str, float]  # seconds: adapters (LoRA switch), encode (T5), clip, denoise, decode
     warnings: list[str] = field(default_factory=list)
 
 
@@ -126,19 +127,18 @@ class Generator:
         steps = request.steps or spec.steps
         guidance = spec.guidance if request.guidance is None else request.guidance
         seed = secrets.randbelow(MAX_SEED) if request.seed is None else request.seed
-        if not request.prompt.strip():
-            raise ValidationError("`prompt` is empty", field="prompt")
-        if request.negative_prompt is not None and spec.family != "sd3":
-            raise ValidationError(
-                f"`negative_prompt` is used by sd3 pipelines only; {spec.name!r} is {spec.family}",
-                field="negative_prompt",
-            )
+        spec.check_request(request.prompt, request.negative_prompt)
         if not 1 <= request.num_images <= 16:
             raise ValidationError(f"`num_images`={request.num_images} is out of range [1, 16]", field="num_images")
 
-        # 2. Components: the denoiser (kept) and the chosen encoder (loaded on first use), checked to fit.
+        # 2. Components: the denoiser (kept) and the chosen encoder (loaded on first use), checked to fit; then
+        #    exactly the requested LoRA adapters active on the denoiser.
+        loras = [(self.registry.lora(name, spec.name), scale) for name, scale in request.loras]
         denoiser, encoder = self.load(request.pipeline, request.encoder)
         denoiser.check_size(width, height)
+        timings["adapters"] = denoiser.use_loras(
+            [(lora, lora.scale if scale is None else scale) for lora, scale in loras]
+        )
 
         # 3. Encode the prompt with the chosen T5 encoder (and the negative prompt when SD3 uses CFG).
         start = time.perf_counter()

@@ -90,6 +90,18 @@ class PipelineSpec(Source):
         1.0, ge=1.0, le=50.0, description="FLUX only: > 1 runs true classifier-free guidance against an empty prompt."
     )
 
+    def check_request(self, prompt: str, negative_prompt: str | None) -> None:
+        """Checks every entry point shares (the API before queueing, the generator before running)."""
+        from service.errors import ValidationError
+
+        if not prompt.strip():
+            raise ValidationError("`prompt` is blank", field="prompt")
+        if negative_prompt is not None and self.family != "sd3":
+            raise ValidationError(
+                f"`negative_prompt` is used by sd3 pipelines only; {self.name!r} is {self.family}",
+                field="negative_prompt",
+            )
+
 
 class EncoderSpec(Source):
     name: str
@@ -108,11 +120,21 @@ class EncoderSpec(Source):
         return Source(source=self.source, subfolder=self.subfolder, revision=self.revision)
 
 
+class LoraSpec(Source):
+    """A LoRA adapter for one pipeline, loaded with diffusers' `load_lora_weights` and switched per request."""
+
+    name: str
+    pipeline: str = Field(description="Registry name of the pipeline the adapter was trained for.")
+    weight_name: str | None = Field(None, description="File inside the source, e.g. `pytorch_lora_weights.safetensors`.")
+    scale: float = Field(1.0, ge=-4.0, le=4.0, description="Default scale when a request names no scale.")
+
+
 class ModelsFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pipelines: dict[str, dict] = Field(default_factory=dict)
     encoders: dict[str, dict] = Field(default_factory=dict)
+    loras: dict[str, dict] = Field(default_factory=dict)
 
 
 class Registry(BaseModel):
@@ -122,13 +144,18 @@ class Registry(BaseModel):
 
     pipelines: dict[str, PipelineSpec]
     encoders: dict[str, EncoderSpec]
+    loras: dict[str, LoraSpec] = Field(default_factory=dict)
     path: Path | None = None
 
     @model_validator(mode="after")
-    def _one_teacher(self) -> "Registry":
+    def _consistent(self) -> "Registry":
         teachers = [e.name for e in self.encoders.values() if e.kind == "teacher"]
         if len(teachers) > 1:
             raise ValueError(f"encoders: at most one teacher, found {teachers}")
+        for lora in self.loras.values():
+            if lora.pipeline not in self.pipelines:
+                raise ValueError(f"loras.{lora.name}.pipeline: unknown pipeline {lora.pipeline!r}; known: "
+                                 f"{', '.join(sorted(self.pipelines))}")
         return self
 
     # -- lookups -----------------------------------------------------------------------------------------------
@@ -141,6 +168,17 @@ class Registry(BaseModel):
         if name not in self.encoders:
             raise UnknownNameError("encoder", name, list(self.encoders))
         return self.encoders[name]
+
+    def lora(self, name: str, pipeline: str) -> LoraSpec:
+        """A LoRA by name, refused when it belongs to another pipeline."""
+        from service.errors import ValidationError
+
+        if name not in self.loras:
+            raise UnknownNameError("lora", name, list(self.loras), field="loras")
+        spec = self.loras[name]
+        if spec.pipeline != pipeline:
+            raise ValidationError(f"lora {name!r} is for pipeline {spec.pipeline!r}, not {pipeline!r}", field="loras")
+        return spec
 
     @property
     def teacher(self) -> EncoderSpec | None:
@@ -166,13 +204,13 @@ class Registry(BaseModel):
         prefix: tuple = ()
         try:
             parsed = ModelsFile.model_validate(raw)
-            specs: dict[str, dict] = {"pipelines": {}, "encoders": {}}
-            for section, spec_cls in (("pipelines", PipelineSpec), ("encoders", EncoderSpec)):
+            specs: dict[str, dict] = {"pipelines": {}, "encoders": {}, "loras": {}}
+            for section, spec_cls in (("pipelines", PipelineSpec), ("encoders", EncoderSpec), ("loras", LoraSpec)):
                 for name, body in getattr(parsed, section).items():
                     prefix = (section, name)
                     specs[section][name] = spec_cls.model_validate(_resolve({**body, "name": name}, base_dir))
             prefix = ()
-            return cls(pipelines=specs["pipelines"], encoders=specs["encoders"], path=path)
+            return cls(pipelines=specs["pipelines"], encoders=specs["encoders"], loras=specs["loras"], path=path)
         except PydanticValidationError as exc:
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in prefix + tuple(first["loc"]))

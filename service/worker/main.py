@@ -145,7 +145,7 @@ class Worker:
                 "seed": result.seed, "timings": json.dumps(timings), "warnings": json.dumps(result.warnings),
                 "content_type": params.get("output_format", "png"),
             }
-            self._observe(pipeline, encoder_name, result)
+            self._observe(pipeline, encoder_name, result, with_loras=bool(params.get("loras")))
         except CancelledError as exc:
             outcome, stored, images = JobStatus.cancelled, {"error": exc.message, "error_type": exc.error_type}, []
         except T2IError as exc:
@@ -175,7 +175,10 @@ class Worker:
         metrics.JOB_PEAK_MEMORY_BYTES.labels(pipeline, encoder_name, str(device)).set(peak_bytes(device))
         self.jobs_done += 1
 
-    def _observe(self, pipeline: str, encoder: str, result: GenerationResult) -> None:
+    def _observe(self, pipeline: str, encoder: str, result: GenerationResult, with_loras: bool) -> None:
+        metrics.ADAPTER_JOBS.labels(pipeline, "with" if with_loras else "without").inc()
+        if result.timings["adapters"] > 0:
+            metrics.ADAPTER_SWITCH_SECONDS.labels(pipeline).observe(result.timings["adapters"])
         metrics.ENCODE_SECONDS.labels(encoder).observe(result.timings["encode"])
         metrics.DENOISE_SECONDS.labels(pipeline).observe(result.timings["denoise"])
         metrics.DECODE_SECONDS.labels(pipeline).observe(result.timings["decode"])
@@ -246,6 +249,7 @@ def _request(params: dict) -> GenerationRequest:
         height=params.get("height"), steps=params.get("steps"), guidance=params.get("guidance"),
         seed=params.get("seed"), negative_prompt=params.get("negative_prompt"),
         num_images=params.get("num_images", 1),
+        loras=tuple((ref["name"], ref.get("scale")) for ref in params.get("loras", [])),
     )
 
 

@@ -34,7 +34,7 @@ def image_of(api, job, n=0) -> Image.Image:
 def test_submit_then_image_for_every_pipeline_and_encoder(api, pipeline, encoder):
     job = run(api, {"prompt": "a red fox in snow", "pipeline": pipeline, "seed": 3}, encoder=encoder)
     assert (job["pipeline"], job["encoder"], job["seed"]) == (pipeline, encoder, 3)
-    assert set(job["timings"]) == {"queue_wait", "encode", "clip", "denoise", "decode", "total"}
+    assert set(job["timings"]) == {"queue_wait", "adapters", "encode", "clip", "denoise", "decode", "total"}
     image = image_of(api, job)
     assert image.format == "PNG" and image.size == (64, 64)
 
@@ -138,3 +138,18 @@ def test_openai_client_works_unchanged(stack):
                                   extra_body={"encoder": "t5-small"})
     fetched = httpx.get(urls.data[0].url)
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+
+
+def test_loras_interleave_on_one_worker(api, generator):
+    """A(lora), B(none), C(lora) on the same worker: A == C, and B equals a run with no adapter ever loaded."""
+    body = {"prompt": "a red fox in snow", "seed": 11}
+    a = run(api, {**body, "loras": [{"name": "flux-style", "scale": 1.0}]}, encoder="t5-small")
+    b = run(api, body, encoder="t5-small")
+    c = run(api, {**body, "loras": [{"name": "flux-style"}]}, encoder="t5-small")
+    assert pixel_diff(image_of(api, a), image_of(api, c))[1] == 0.0
+    fresh = generator.generate(GenerationRequest(prompt=body["prompt"], pipeline="flux", encoder="t5-small",
+                                                 seed=11)).images[0]
+    assert pixel_diff(image_of(api, b), fresh)[0] <= 0.5
+    assert pixel_diff(image_of(api, a), image_of(api, b))[0] > 2.0
+    assert {l["name"]: l["pipeline"] for l in api.get("/v1/loras").json()} == {"flux-style": "flux",
+                                                                              "sd3-style": "sd3"}

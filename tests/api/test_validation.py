@@ -93,3 +93,16 @@ def test_openai_endpoint_validates_too(api):
 def test_unknown_route_and_method(api):
     assert api.get("/v2/nothing").json()["error_type"] == "not_found"
     assert api.get("/v1/generate").status_code == 405
+
+
+@pytest.mark.parametrize("loras, words", [
+    ([{"name": "nope"}], ["unknown lora 'nope'", "known: flux-style, sd3-style"]),
+    ([{"name": "sd3-style"}], ["'sd3-style' is for pipeline 'sd3', not 'flux'"]),
+    ([{"name": "flux-style"}, {"name": "flux-style"}], ["names an adapter twice"]),
+    ([{"name": "flux-style", "scale": 9}], ["less than or equal to 4"]),
+])
+def test_bad_loras_get_422(api, loras, words):
+    response = api.post("/v1/generate", json={"prompt": "x", "loras": loras})
+    assert response.status_code == 422 and response.json()["field"].startswith("loras"), response.text
+    for word in words:
+        assert word in response.json()["error"]

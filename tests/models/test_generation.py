@@ -50,7 +50,7 @@ def test_every_pipeline_and_encoder_makes_an_image(generator, pipeline, encoder)
     result = generator.generate(request(pipeline=pipeline, encoder=encoder, num_images=2))
     assert [im.size for im in result.images] == [(64, 64)] * 2
     assert result.seed == 7
-    assert set(result.timings) == {"encode", "clip", "denoise", "decode"}
+    assert set(result.timings) == {"adapters", "encode", "clip", "denoise", "decode"}
     assert all(v >= 0 for v in result.timings.values())
 
 

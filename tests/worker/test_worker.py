@@ -152,6 +152,7 @@ def test_metrics_carry_the_encoder_label(api, stack):
         assert f't2i_job_peak_memory_bytes{{device="cpu",encoder="{encoder}",pipeline="flux"}}' in text
     assert 't2i_denoise_duration_seconds_count{pipeline="flux"}' in text
     assert "t2i_queue_wait_duration_seconds_count" in text
+    assert 't2i_adapter_jobs_total{adapters="without",pipeline="flux"}' in text
     api_metrics = api.get("/metrics").text
     assert "t2i_queue_depth" in api_metrics and "t2i_workers_live" in api_metrics
     assert 't2i_api_requests_total{endpoint="generate",status="accepted"}' in api_metrics

@@ -60,3 +60,17 @@ async def pipelines(registry: RegistryDep, queue: QueueDep) -> list[ModelInfo]:
                 _merge(info, worker, worker["pipelines"][spec.name])
         out.append(info)
     return out
+
+
+class LoraInfo(BaseModel):
+    name: str
+    pipeline: str
+    source: str
+    scale: float
+
+
+@router.get("/loras", response_model=list[LoraInfo])
+async def loras(registry: RegistryDep) -> list[LoraInfo]:
+    """Every registered LoRA adapter, with its pipeline and default scale; name them in `loras` of a request."""
+    return [LoraInfo(name=s.name, pipeline=s.pipeline, source=s.describe(), scale=s.scale)
+            for s in registry.loras.values()]

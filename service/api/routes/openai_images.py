@@ -20,7 +20,7 @@ from service import metrics
 from service.api.deps import JsonBody, QueueDep, RegistryDep, SettingsDep
 from service.api.submission import submit
 from service.errors import GenerationError, T2IError, UnavailableError, ValidationError
-from service.jobs import MAX_SEED, GenerateParams, JobStatus
+from service.jobs import MAX_SEED, GenerateParams, JobStatus, LoraRef
 
 router = APIRouter(tags=["openai"])
 
@@ -43,6 +43,7 @@ class ImagesRequest(BaseModel):
     steps: int | None = Field(None, ge=1, le=100)
     guidance: float | None = Field(None, ge=0.0, le=30.0)
     negative_prompt: str | None = None
+    loras: list[LoraRef] = Field(default_factory=list, max_length=4)
 
 
 class ImageData(BaseModel):
@@ -74,7 +75,7 @@ async def images_generations(body: ImagesRequest, request: Request, settings: Se
         params = GenerateParams(
             prompt=body.prompt, pipeline=body.model, encoder=body.encoder, width=width, height=height,
             steps=body.steps, guidance=body.guidance, seed=body.seed, negative_prompt=body.negative_prompt,
-            num_images=body.n, output_format=body.output_format,
+            num_images=body.n, output_format=body.output_format, loras=body.loras,
         )
     except Exception as exc:  # pydantic bounds on width/height from `size`
         raise ValidationError(f"`size`={body.size!r} is out of range [16, 2048] per side", field="size") from exc
