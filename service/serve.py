@@ -79,7 +79,7 @@ def serve(settings: Settings, models_file: Path) -> int:
             worker = _child(["worker"], env)
         if not announced and _ready(url):
             print(f"ready: try  curl -X POST '{url}/v1/generate?encoder=t5-base&wait=true' "
-                  "-H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox in snow\"}'", flush=True)
+                  "-H 'Content-Type: application/json' -d '{\"prompt\": \"a large yellow square on the right\"}'", flush=True)
             announced = True
         time.sleep(0.2)
 

@@ -147,8 +147,8 @@ def score(image: np.ndarray, truth: dict) -> dict[str, bool]:
     result["shape"] = result["color"] and first[0].shape == truth["shape"] and second[0].shape == truth["shape2"]
     if result["color"]:
         (ax, ay), (bx, by) = first[0].center, second[0].center
-        result["relation"] = {"left of": ax < bx - 3, "right of": ax > bx + 3, "above": ay < by - 3,
-                              "below": ay > by + 3}[truth["relation"]]
+        result["relation"] = bool({"left of": ax < bx - 3, "right of": ax > bx + 3, "above": ay < by - 3,
+                                   "below": ay > by + 3}[truth["relation"]])
     else:
         result["relation"] = False
     return result
