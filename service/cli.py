@@ -186,7 +186,7 @@ def cmd_dataset_build(args: argparse.Namespace) -> None:
     from trainer.dataset import build
 
     config = load_config(DatasetConfig, args.config, args.overrides)
-    if config.models_file is None and getattr(args, "models_file", None) is None:
+    if config.models_file is None:
         config.models_file = str(models_file(args))
     manifest = build(config, args.output)
     counts = manifest["counts"]

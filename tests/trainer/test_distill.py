@@ -133,3 +133,12 @@ def test_bad_students_are_refused_before_training(tiny, tmp_path, demo_dir):
         Components(tiny(student="t5-medium"), device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="t2i dataset build"):
         train(tiny(data=str(tmp_path / "no-data")), show_progress=False)
+
+
+def test_gradient_accumulation_matches_a_larger_micro_batch(tiny, tmp_path):
+    common = dict(max_steps=8, eval_every=8, checkpoint_every=8)
+    train(tiny(output_dir=tmp_path / "big", micro_batch_size=4, **common), show_progress=False)
+    train(tiny(output_dir=tmp_path / "accum", micro_batch_size=2, grad_accum_steps=2, **common), show_progress=False)
+    a, b = weights(tmp_path / "big"), weights(tmp_path / "accum")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
