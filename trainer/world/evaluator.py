@@ -133,7 +133,7 @@ def score(image: np.ndarray, truth: dict) -> dict[str, bool]:
         if "size" in truth:
             big = bool(of_color) and max(of_color[0].box[2] - of_color[0].box[0],
                                          of_color[0].box[3] - of_color[0].box[1]) + 1 >= 10
-            result["size"] = big == (truth["size"] == "large")
+            result["size"] = bool(big == (truth["size"] == "large"))
         return result
     if kind == "count":
         of_color = [b for b in objects if b.color == truth["color"]]
