@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from service.models.devices import set_threads
 from trainer import checkpoint
-from trainer.components import Components
+from trainer.components import Components, load_student
 from trainer.config import DistillConfig, to_yaml
 from trainer.dataset import read_split
 from trainer.teacher_cache import TeacherCache
@@ -143,8 +143,6 @@ def train(config: DistillConfig, *, show_progress: bool = True, stop_after: int 
     if existing:
         latest = existing[-1]
         state = checkpoint.read_state(latest)
-        from trainer.components import load_student
-
         resumed = load_student(latest, accelerator.unwrap_model(student).output_width)
         accelerator.unwrap_model(student).load_state_dict(resumed.state_dict())
         checkpoint.load_optimizer(latest, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)

@@ -86,12 +86,17 @@ class TeacherCache:
     def get(self, split: str, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(t5, clip or None, pooled) for these rows of the split, in order."""
         shards = self.manifest["splits"][split]["shards"]
-        out: dict[str, list[torch.Tensor]] = {"t5": [], "clip": [], "pooled": []}
-        for i in indices:
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for position, i in enumerate(indices):
             shard, row = divmod(i, SHARD_SIZE)
+            by_shard.setdefault(shard, []).append((position, row))
+        rows: dict[str, list[torch.Tensor | None]] = {k: [None] * len(indices) for k in ("t5", "clip", "pooled")}
+        for shard, wanted in by_shard.items():  # each shard opened once per call
             with safe_open(self.dir / shards[shard], framework="pt") as f:
-                for key in out:
-                    if key in f.keys():
-                        out[key].append(f.get_slice(key)[row:row + 1])
+                for key in [k for k in rows if k in f.keys()]:
+                    tensor = f.get_slice(key)
+                    for position, row in wanted:
+                        rows[key][position] = tensor[row:row + 1]
+        out = {k: [t for t in v if t is not None] for k, v in rows.items()}
         clip = torch.cat(out["clip"]) if out["clip"] else None
         return torch.cat(out["t5"]), clip, torch.cat(out["pooled"])

@@ -38,23 +38,15 @@ def set_threads(threads: int) -> None:
         pass  # only settable before the first parallel op; the intra-op count is what matters
 
 
+def _unique(tensors) -> list[torch.Tensor]:
+    """Tensors with shared (tied) ones counted once."""
+    return list({id(t): t for t in tensors}.values())
+
+
 def module_bytes(module: torch.nn.Module) -> int:
     """Bytes of a module's parameters and buffers (shared tensors counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        total += tensor.numel() * tensor.element_size()
-    return total
+    return sum(t.numel() * t.element_size() for t in _unique([*module.parameters(), *module.buffers()]))
 
 
 def module_params(module: torch.nn.Module) -> int:
-    seen: set[int] = set()
-    total = 0
-    for param in module.parameters():
-        if id(param) not in seen:
-            seen.add(id(param))
-            total += param.numel()
-    return total
+    return sum(p.numel() for p in _unique(module.parameters()))
