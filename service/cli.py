@@ -86,6 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompt=args.prompt, pipeline=args.pipeline, encoder=args.encoder, width=args.width, height=args.height,
         steps=args.steps, guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt,
         num_images=args.num_images, loras=tuple(_lora_ref(ref) for ref in args.lora),
+        control=_control(args),
     )
     result = generator.generate(request)
     for warning in result.warnings:
@@ -98,6 +99,26 @@ def cmd_generate(args: argparse.Namespace) -> None:
         image.save(path, format=fmt)
     timings = " ".join(f"{k}={v * 1000:.1f}ms" for k, v in result.timings.items())
     print(f"wrote {', '.join(map(str, paths))} (seed {result.seed}; {timings})")
+
+
+def _control(args: argparse.Namespace):
+    """The `--control NAME --control-image PATH` pair as a ControlInput (the image checked as the API checks it)."""
+    from service.models.control import decode_image
+    from service.models.generation import ControlInput
+
+    if (args.control is None) != (args.control_image is None):
+        raise ValidationError("`--control` and `--control-image` go together", field="control")
+    if args.control is None:
+        return None
+    path = Path(args.control_image)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValidationError(f"`--control-image` {str(path)!r} cannot be read: {exc.strerror}",
+                              field="control_image") from None
+    image = decode_image(data, field="control_image", max_bytes=get_settings().max_image_bytes)
+    return ControlInput(name=args.control, image=image, preprocess=args.control_preprocess, scale=args.control_scale,
+                        start=args.control_start, end=args.control_end, mode=args.control_mode)
 
 
 def _lora_ref(text: str) -> tuple[str, float | None]:
@@ -244,7 +265,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from trainer.evaluate import evaluate, markdown_table
 
     config = _distill_config(args)
-    report = evaluate(config, args.student, args.out, per_criterion=args.prompts, clip_model=args.clip_model)
+    report = evaluate(config, args.student, args.out, per_criterion=args.prompts, clip_model=args.clip_model,
+                      loras=tuple(_lora_ref(ref) for ref in args.lora), control=_control(args))
     print(markdown_table(report))
     print(f"wrote {args.out}/report.json, report.md, grid.png")
 
@@ -280,6 +302,28 @@ def cmd_world_eval(args: argparse.Namespace) -> None:
     print(_json.dumps(report, indent=2))
     if args.out:
         Path(args.out).write_text(_json.dumps(report, indent=2))
+
+
+def cmd_world_controlnet(args: argparse.Namespace) -> None:
+    torch_setup(args)
+    from trainer.world.control import train_controlnet
+
+    out = train_controlnet(args.kit, minutes=args.minutes, seed=args.seed)
+    print(f"wrote the canny ControlNet to {out} and registered it in {Path(args.kit) / 'models.yaml'}")
+
+
+def cmd_world_control_eval(args: argparse.Namespace) -> None:
+    torch_setup(args)
+    import json as _json
+
+    from service.models.registry import Registry
+    from trainer.world.control import control_eval
+
+    registry = Registry.from_file(Path(args.kit) / "models.yaml")
+    report = control_eval(registry, args.encoder or list(registry.encoders), seeds=args.seeds, grid=args.grid)
+    print(_json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(_json.dumps(report, indent=2) + "\n")
 
 
 def cmd_world_paper(args: argparse.Namespace) -> None:
@@ -325,6 +369,19 @@ def _print_table(header: list[str], rows: list[list]) -> None:
 
 
 # -- parser ----------------------------------------------------------------------------------------------------
+def _add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
+                        help="a registered LoRA adapter (repeatable)")
+    parser.add_argument("--control", metavar="NAME", help="a registered ControlNet (with --control-image)")
+    parser.add_argument("--control-image", metavar="PATH", help="the control image (png, jpeg, webp)")
+    parser.add_argument("--control-preprocess", choices=["auto", "canny", "none"], default="auto",
+                        help="auto: canny edges for a canny ControlNet; none: the image is already the map")
+    parser.add_argument("--control-scale", type=float, help="conditioning scale (default: the registered one)")
+    parser.add_argument("--control-start", type=float, default=0.0, help="fraction of steps where control starts")
+    parser.add_argument("--control-end", type=float, default=1.0, help="fraction of steps where control ends")
+    parser.add_argument("--control-mode", help="union ControlNets only: the control mode")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2i", description="Text-to-image with a choice of T5 text encoder.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -346,8 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float)
     gen.add_argument("--negative-prompt", help="sd3 only")
     gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
-                     help="a registered LoRA adapter (repeatable)")
+    _add_adapter_arguments(gen)
     gen.add_argument("--device", help="device of the denoiser (default: the models file's; auto = cuda if present)")
     gen.add_argument("--encoder-device", help="device of the T5 encoder (e.g. cpu beside a cuda denoiser)")
     gen.set_defaults(func=cmd_generate)
@@ -395,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="eval", help="report directory (default: eval)")
     ev.add_argument("--prompts", type=int, default=8, help="held-out prompts per criterion (default: 8)")
     ev.add_argument("--clip-model", help="a local CLIP model dir, for CLIP score")
+    _add_adapter_arguments(ev)
     ev.add_argument("overrides", nargs="*", metavar="--key=value")
     ev.set_defaults(func=cmd_eval)
 
@@ -425,6 +482,19 @@ def build_parser() -> argparse.ArgumentParser:
     wpp.add_argument("--prompts", type=int, default=200, help="held-out prompts per encoder")
     wpp.add_argument("--install", action="store_true", help="put the distilled students into the kit")
     wpp.set_defaults(func=cmd_world_paper)
+    wcn = world.add_parser("controlnet", parents=[common], help="train the kit's canny ControlNet and register it")
+    wcn.add_argument("--kit", required=True, help="a kit from `t2i world train`")
+    wcn.add_argument("--minutes", type=float, default=12.0, help="time budget (default 12)")
+    wcn.add_argument("--seed", type=int, default=0)
+    wcn.set_defaults(func=cmd_world_controlnet)
+    wce = world.add_parser("control-eval", parents=[common],
+                           help="edge correlation with the control, with and without the ControlNet, per encoder")
+    wce.add_argument("--kit", required=True)
+    wce.add_argument("--encoder", action="append", help="encoder to evaluate (repeat; default: all)")
+    wce.add_argument("--seeds", type=int, default=4, help="seeds per control image (default 4)")
+    wce.add_argument("--out", help="also write the JSON report here")
+    wce.add_argument("--grid", help="also draw the images (PNG) here")
+    wce.set_defaults(func=cmd_world_control_eval)
 
     models = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True)
     lst = models.add_parser("list", parents=[common], help="every pipeline and encoder known, with sizes")
@@ -453,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValidationError("give CONFIG (a YAML file or a preset name) or --preset NAME, not both",
                                       field="CONFIG")
             args.config = args.config or args.preset
-        if getattr(args, "encoder", "unset") is None:
+        if args.command == "generate" and args.encoder is None:
             args.encoder = _default_encoder(args)
         args.func(args)
     except T2IError as exc:

@@ -10,7 +10,7 @@ import json
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_SEED = 2**63 - 1
 
@@ -38,6 +38,48 @@ class LoraRef(BaseModel):
     scale: float | None = Field(None, ge=-4.0, le=4.0, description="Default: the LoRA's registered scale.")
 
 
+class ControlRef(BaseModel):
+    """A ControlNet for one job: a registered ControlNet, its control image, and how strongly and when it acts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, description="A registered ControlNet (see GET /v1/controlnets).")
+    image: str | None = Field(None, description="The control image, base64 (a `data:image/...;base64,` URL is "
+                                                "accepted too). Give this or `image_id`.")
+    image_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
+                                 description="An image uploaded with POST /v1/uploads.")
+    mode: str | None = Field(None, max_length=40, description="Union ControlNets only: the control mode (e.g. canny).")
+    preprocess: Literal["auto", "canny", "none"] = Field(
+        "auto", description="auto: canny edges for a canny ControlNet, other maps (depth, pose) as given; "
+                            "canny: always; none: the image is already the control map.")
+    canny_low: int = Field(100, ge=0, le=1000, description="Canny lower hysteresis threshold.")
+    canny_high: int = Field(200, ge=0, le=1000, description="Canny upper hysteresis threshold.")
+    scale: float | None = Field(None, ge=0.0, le=4.0, description="Conditioning scale; default: the registered one.")
+    start: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of the steps at which the ControlNet starts.")
+    end: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of the steps at which it stops.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ControlRef":
+        if (self.image is None) == (self.image_id is None):
+            raise ValueError("give exactly one of `image` (base64) and `image_id` (from POST /v1/uploads)")
+        if self.start >= self.end:
+            raise ValueError(f"`start` ({self.start}) must be below `end` ({self.end})")
+        if self.canny_low > self.canny_high:
+            raise ValueError(f"`canny_low` ({self.canny_low}) must not exceed `canny_high` ({self.canny_high})")
+        return self
+
+
+class UploadView(BaseModel):
+    """What `POST /v1/uploads` returns."""
+
+    id: str
+    width: int
+    height: int
+    bytes: int
+    expires_at: float
+    url: str
+
+
 class GenerateParams(BaseModel):
     """The body of `POST /v1/generate`. The encoder comes as the `encoder` query parameter (or this field)."""
 
@@ -56,6 +98,7 @@ class GenerateParams(BaseModel):
     output_format: OutputFormat = Field("png", description="png | webp | jpeg")
     loras: list[LoraRef] = Field(default_factory=list, max_length=4,
                                  description="LoRA adapters for this job, by registry name, with scales.")
+    control: ControlRef | None = Field(None, description="A ControlNet and its control image for this job.")
 
 
 class JobError(BaseModel):
@@ -79,6 +122,8 @@ class JobView(BaseModel):
     finished_at: float | None = None
     progress: dict[str, int] | None = None
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
+    peak_memory_bytes: int | None = Field(None, description="Peak device memory of the job (CUDA; RSS on a CPU).")
+    device: str | None = Field(None, description="Device the denoiser ran on.")
     images: list[str] = Field(default_factory=list, description="URLs of the images.")
     warnings: list[str] = Field(default_factory=list)
     error: JobError | None = None
@@ -117,6 +162,8 @@ def job_view(fields: dict[str, str], *, position: int | None, base_url: str) -> 
         finished_at=float(fields["finished_at"]) if fields.get("finished_at") else None,
         progress=progress,
         timings=json.loads(fields.get("timings", "{}")),
+        peak_memory_bytes=int(fields["peak_memory_bytes"]) if fields.get("peak_memory_bytes") else None,
+        device=fields.get("device"),
         images=[f"{base_url}/v1/jobs/{job_id}/images/{n}" for n in range(n_images)],
         warnings=json.loads(fields.get("warnings", "[]")),
         error=error,

@@ -49,6 +49,10 @@ ADAPTER_SWITCH_SECONDS = Histogram(
     "t2i_adapter_switch_duration_seconds", "Time to change the active LoRA adapters (load, set, disable).",
     ["pipeline"], buckets=LATENCY_BUCKETS,
 )
+CONTROL_JOBS = Counter(
+    "t2i_control_jobs_total", "Jobs run with or without a ControlNet (not labelled by ControlNet).",
+    ["pipeline", "control"],
+)
 DENOISER_RESIDENT_BYTES = Gauge(
     "t2i_denoiser_resident_bytes", "Bytes of a pipeline's denoiser (transformer, VAE, CLIP).", ["pipeline", "device"]
 )
@@ -65,4 +69,11 @@ REQUESTS = Counter(
 )
 JOBS_REDELIVERED = Counter(
     "t2i_jobs_redelivered_total", "Jobs taken over from a worker that stopped answering.", ["pipeline", "encoder"]
+)
+
+# -- API: compare runs and blind votes --------------------------------------------------------------------------
+COMPARE_RUNS = Counter("t2i_compare_runs_total", "Compare runs started.")
+AB_VOTES = Counter(
+    "t2i_ab_votes_total", "Blind A/B votes counted, per encoder pair (a < b by name) and outcome (a, b, tie).",
+    ["encoder_a", "encoder_b", "outcome"],
 )

@@ -11,10 +11,17 @@ job is never half-enqueued, and a job finished twice (a redelivered duplicate) k
 
     t2i:job:{id}                hash: status, request (JSON), timings, ... ; expires `result_ttl_s` after the end
     t2i:job:{id}:image:{n}      bytes of image n
+    t2i:job:{id}:embedding      the prompt's T5 token embeddings, float16 (jobs of compare runs only)
     t2i:queued                  zset: queued job ids by enqueue order
     t2i:stream:{pipeline}:{enc} stream of job ids; consumer group `workers`
     t2i:idem:{key}              Idempotency-Key -> job id
+    t2i:upload:{id}             bytes of an uploaded control image; expires `upload_ttl_s` after its last use
     t2i:events:{id}             pub/sub channel of a job's progress and status events
+    t2i:compares                zset: compare run ids by creation time
+    t2i:compare:{id}            JSON of a compare run (its request and its grid of job ids)
+    t2i:compare:{id}:cells      hash: cell -> JSON of its metrics, once every job of the cell has ended
+    t2i:compare:{id}:votes      hash: voter|cell|encoder|encoder -> left | right | tie (first vote counts)
+    t2i:compare:{id}:pair:{t}   JSON of a blind pair served to a voter (which encoder is on which side)
     t2i:workers                 zset: worker id -> last heartbeat (unix time)
     t2i:worker:{id}             JSON facts of a live worker (expires with its heartbeat)
 """
@@ -36,6 +43,33 @@ def image_key(job_id: str, n: int) -> str:
     return f"{PREFIX}:job:{job_id}:image:{n}"
 
 
+def upload_key(upload_id: str) -> str:
+    return f"{PREFIX}:upload:{upload_id}"
+
+
+def embedding_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:embedding"
+
+
+def compare_key(run_id: str) -> str:
+    return f"{PREFIX}:compare:{run_id}"
+
+
+def compare_cells_key(run_id: str) -> str:
+    return f"{PREFIX}:compare:{run_id}:cells"
+
+
+def compare_votes_key(run_id: str) -> str:
+    return f"{PREFIX}:compare:{run_id}:votes"
+
+
+def compare_pair_key(run_id: str, token: str) -> str:
+    return f"{PREFIX}:compare:{run_id}:pair:{token}"
+
+
+COMPARES = f"{PREFIX}:compares"
+
+
 def stream_key(pipeline: str, encoder: str) -> str:
     return f"{PREFIX}:stream:{pipeline}:{encoder}"
 
@@ -53,7 +87,8 @@ def worker_key(worker_id: str) -> str:
 
 
 # KEYS: queued, seq, job, stream, idem ('' for none)
-# ARGV: job id, max queue, idempotency ttl, now, request JSON, group
+# ARGV: job id, max queue, idempotency ttl, now, request JSON, group, result ttl of this job ('' = the workers'),
+#       keep the prompt embedding ('1' | '0')
 # -> {'ok', id} | {'dup', existing id} | {'full', depth}
 ENQUEUE = """
 if KEYS[5] ~= '' then
@@ -64,7 +99,8 @@ local depth = redis.call('ZCARD', KEYS[1])
 if depth >= tonumber(ARGV[2]) then return {'full', tostring(depth)} end
 local seq = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[3], 'id', ARGV[1], 'status', 'queued', 'request', ARGV[5], 'created_at', ARGV[4],
-           'attempts', '0', 'stream', KEYS[4])
+           'attempts', '0', 'stream', KEYS[4], 'keep_embedding', ARGV[8])
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[3], 'ttl', ARGV[7]) end
 redis.call('ZADD', KEYS[1], seq, ARGV[1])
 pcall(redis.call, 'XGROUP', 'CREATE', KEYS[4], ARGV[6], '0', 'MKSTREAM')
 redis.call('XADD', KEYS[4], '*', 'job', ARGV[1])
@@ -72,11 +108,12 @@ if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[3]) end
 return {'ok', ARGV[1]}
 """
 
-# KEYS: job, queued ; ARGV: job id, worker id, now, ttl
+# KEYS: job, queued ; ARGV: job id, worker id, now, ttl (a job's own 'ttl' field wins, here and below)
 # -> 'running' (go) | 'cancelled' | a terminal status | 'gone' (expired or never existed): skip it
 START = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'gone' end
+ARGV[4] = redis.call('HGET', KEYS[1], 'ttl') or ARGV[4]
 if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return status end
 redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then
@@ -94,6 +131,7 @@ return 'running'
 FINISH = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'running' and status ~= 'queued' then return 0 end
+ARGV[4] = redis.call('HGET', KEYS[1], 'ttl') or ARGV[4]
 local nfields = tonumber(ARGV[5])
 local args = {'status', ARGV[2], 'finished_at', ARGV[3]}
 for i = 1, nfields * 2 do table.insert(args, ARGV[5 + i]) end
@@ -115,6 +153,7 @@ return 1
 CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'gone' end
+ARGV[3] = redis.call('HGET', KEYS[1], 'ttl') or ARGV[3]
 if status == 'queued' then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2], 'cancel', '1')

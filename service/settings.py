@@ -50,7 +50,19 @@ class Settings(BaseSettings):
     )
     heartbeat_s: float = Field(2.0, gt=0, description="Seconds between worker heartbeats.")
     wait_timeout_s: float = Field(120.0, gt=0, description="Upper bound of `?wait=true` on POST /v1/generate.")
-    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body the API accepts.")
+    max_body_bytes: int = Field(
+        12_000_000, ge=1024, description="Largest request body the API accepts (fits a base64 control image)."
+    )
+    max_image_bytes: int = Field(
+        8_000_000, ge=1024, description="Largest control image (uploaded or inline, decoded bytes) the API accepts."
+    )
+    upload_ttl_s: int = Field(3600, ge=10, description="Seconds an uploaded control image is kept.")
+    max_compare_jobs: int = Field(
+        128, ge=2, description="Most jobs (prompts x seeds x encoders) one compare run may queue."
+    )
+    compare_ttl_s: int = Field(
+        7 * 24 * 3600, ge=60, description="Seconds a compare run, its images and its votes are kept."
+    )
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt, in characters, the API accepts.")
 
     @field_validator("worker_encoders", "worker_pipelines", mode="before")

@@ -46,6 +46,19 @@ def test_console_script_same_seed_same_image(tmp_path, models_file):
         assert c.format == "WEBP" and c.size == a.size
 
 
+def test_generate_with_a_controlnet(tmp_path, capsys):
+    square = Image.new("RGB", (64, 64))
+    square.paste((200, 200, 200), (16, 16, 48, 48))
+    square.save(tmp_path / "square.png")
+    base = ["generate", "--encoder", "t5-small", "--prompt", "a fox", "--seed", "2"]
+    assert main(base + ["-o", str(tmp_path / "plain.png")]) == 0
+    assert main(base + ["--control", "flux-canny", "--control-image", str(tmp_path / "square.png"),
+                        "-o", str(tmp_path / "guided.png")]) == 0
+    assert "control=" in capsys.readouterr().out
+    with Image.open(tmp_path / "plain.png") as a, Image.open(tmp_path / "guided.png") as b:
+        assert pixel_diff(a, b)[0] > 2.0
+
+
 def test_default_encoder_is_the_teacher(tmp_path, capsys):
     assert main(["generate", "--prompt", "a fox", "--seed", "1", "-o", str(tmp_path / "t.png")]) == 0
     assert main(["generate", "--encoder", "t5-xxl", "--prompt", "a fox", "--seed", "1",
@@ -61,9 +74,15 @@ def test_default_encoder_is_the_teacher(tmp_path, capsys):
         (["--pipeline", "sdxl"], "unknown pipeline 'sdxl'; known: flux, sd3"),
         (["--width", "100"], "`width`=100 is not a multiple of 8"),
         (["-o", "x.gif"], "use one of .png"),
+        (["--control", "flux-canny"], "`--control` and `--control-image` go together"),
+        (["--control", "flux-canny", "--control-image", "/nonexistent.png"], "'/nonexistent.png' cannot be read"),
+        (["--control", "flux-canny", "--control-image", __file__], "`control_image` is not a decodable image"),
+        (["--control", "nope", "--control-image", "SQUARE"], "unknown controlnet 'nope'"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, args, message, capsys):
+    Image.new("RGB", (64, 64)).save(tmp_path / "square.png")
+    args = [str(tmp_path / "square.png") if a == "SQUARE" else a for a in args]
     argv = ["generate", "--prompt", "a fox", "-o", str(tmp_path / "x.png")] + args
     assert main(argv) == 2
     err = capsys.readouterr().err

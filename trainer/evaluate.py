@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from service.models.generation import GenerationRequest, Generator
+from service.models.generation import ControlInput, GenerationRequest, Generator
 from service.models.registry import Registry
 from trainer.components import Components, load_student, student_spec
 from trainer.config import CRITERIA, DistillConfig
@@ -36,7 +36,10 @@ def _tensor(image: Image.Image) -> torch.Tensor:
 
 
 def evaluate(config: DistillConfig, students: list[str | Path], out_dir: str | Path, *, per_criterion: int = 8,
-             clip_model: str | None = None, grid_rows: int = 2) -> dict:
+             clip_model: str | None = None, grid_rows: int = 2, loras: tuple[tuple[str, float | None], ...] = (),
+             control: ControlInput | None = None) -> dict:
+    """`loras` and `control` (registered in the config's models file) apply to the teacher's and every student's
+    images alike, to check that a student keeps a LoRA's style or a ControlNet's structure as the teacher does."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,7 +52,8 @@ def evaluate(config: DistillConfig, students: list[str | Path], out_dir: str | P
     registry = components.registry
     encoders = {components.teacher_name: components.teacher_spec}
     encoders.update({n: student_spec(n, s, config.max_sequence_length) for n, s in zip(names, students)})
-    generator = Generator(Registry(pipelines=registry.pipelines, encoders=encoders, path=registry.path),
+    generator = Generator(Registry(pipelines=registry.pipelines, encoders=encoders, loras=registry.loras,
+                                   controlnets=registry.controlnets, path=registry.path),
                           device=str(device), encoder_device=str(device))
     modules = {n: load_student(Path(s), components.denoiser.joint_attention_dim).to(device).eval()
                for n, s in zip(names, students)}
@@ -71,7 +75,7 @@ def evaluate(config: DistillConfig, students: list[str | Path], out_dir: str | P
     for criterion, picked in chosen.items():
         for k, row in enumerate(picked):
             prompt, seed = row["prompt"], config.seed + k
-            request = dict(prompt=prompt, pipeline=config.pipeline, seed=seed)
+            request = dict(prompt=prompt, pipeline=config.pipeline, seed=seed, loras=loras, control=control)
             teacher_image = generator.generate(GenerationRequest(encoder=components.teacher_name, **request)).images[0]
             t5, clip, pooled = components.teacher_conditioning([prompt])
             ids = components.token_ids([prompt])
@@ -101,6 +105,8 @@ def evaluate(config: DistillConfig, students: list[str | Path], out_dir: str | P
         "teacher": components.teacher_name, "pipeline": config.pipeline, "students": names,
         "prompts_per_criterion": {c: len(p) for c, p in chosen.items()},
         "clip_score": "computed" if clip_scorer else "not configured (pass --clip-model DIR)",
+        "loras": [{"name": n, "scale": sc} for n, sc in loras],
+        "control": None if control is None else {"name": control.name, "scale": control.scale},
         "results": {c: {n: {m: float(np.mean(v)) for m, v in values[c][n].items()} for n in names}
                     for c in CRITERIA if chosen[c]},
     }

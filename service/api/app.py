@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
 from service.api.queue_client import QueueClient
-from service.api.routes import generate, health, jobs, models, openai_images
+from service.api.routes import ab, compare, generate, health, jobs, models, openai_images, uploads
 from service.errors import OverloadedError, PayloadTooLargeError, T2IError
 from service.models.registry import Registry, load_registry
 from service.settings import Settings, get_settings
@@ -35,7 +35,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         client = aioredis.Redis.from_url(settings.redis_url, health_check_interval=10)
-        app.state.queue = QueueClient(client, max_queue=settings.max_queue, result_ttl_s=settings.result_ttl_s)
+        app.state.queue = QueueClient(client, max_queue=settings.max_queue, result_ttl_s=settings.result_ttl_s,
+                                      upload_ttl_s=settings.upload_ttl_s)
         gauges = asyncio.create_task(_update_gauges(app.state.queue, period_s=2.0))
         yield
         gauges.cancel()
@@ -49,7 +50,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     )
     app.state.settings = settings
     app.state.registry = registry
-    for router in (generate.router, jobs.router, openai_images.router, models.router, health.router):
+    for router in (generate.router, jobs.router, uploads.router, compare.router, openai_images.router, models.router,
+                   health.router, ab.router):
         app.include_router(router)
 
     @app.get("/metrics", include_in_schema=False)

@@ -19,20 +19,25 @@ from service.jobs import JobStatus, decode_hash, event
 
 
 class QueueClient:
-    def __init__(self, client: aioredis.Redis, *, max_queue: int, result_ttl_s: int):
+    def __init__(self, client: aioredis.Redis, *, max_queue: int, result_ttl_s: int, upload_ttl_s: int = 3600):
         self.client = client
         self.max_queue = max_queue
         self.result_ttl_s = result_ttl_s
+        self.upload_ttl_s = upload_ttl_s
         self._enqueue = client.register_script(queue.ENQUEUE)
         self._cancel = client.register_script(queue.CANCEL)
 
-    async def enqueue(self, request: dict, idempotency_key: str | None = None) -> tuple[str, bool]:
-        """Returns (job id, created); created is False when the Idempotency-Key named an existing job."""
+    async def enqueue(self, request: dict, idempotency_key: str | None = None, *, result_ttl_s: int | None = None,
+                      keep_embedding: bool = False) -> tuple[str, bool]:
+        """Returns (job id, created); created is False when the Idempotency-Key named an existing job.
+        `result_ttl_s` keeps this job's result longer than the default; `keep_embedding` stores its prompt's T5
+        embedding with it (compare runs use both)."""
         job_id = secrets.token_urlsafe(16)  # unguessable
         kind, value = await self._enqueue(
             keys=[queue.QUEUED, queue.SEQ, queue.job_key(job_id), queue.stream_key(request["pipeline"],
                   request["encoder"]), queue.idem_key(idempotency_key) if idempotency_key else ""],
-            args=[job_id, self.max_queue, self.result_ttl_s, time.time(), json.dumps(request), queue.GROUP],
+            args=[job_id, self.max_queue, self.result_ttl_s, time.time(), json.dumps(request), queue.GROUP,
+                  result_ttl_s or "", "1" if keep_embedding else "0"],
         )
         kind, value = _s(kind), _s(value)
         if kind == "full":
@@ -53,6 +58,19 @@ class QueueClient:
 
     async def image(self, job_id: str, n: int) -> bytes | None:
         return await self.client.get(queue.image_key(job_id, n))
+
+    async def put_upload(self, data: bytes) -> str:
+        """Store a (checked) control image; returns its unguessable id."""
+        upload_id = secrets.token_urlsafe(16)
+        await self.client.set(queue.upload_key(upload_id), data, ex=self.upload_ttl_s)
+        return upload_id
+
+    async def upload(self, upload_id: str) -> bytes | None:
+        return await self.client.get(queue.upload_key(upload_id))
+
+    async def keep_upload(self, upload_id: str) -> bool:
+        """Restart an upload's time to live (a job now needs it); False when it is unknown or expired."""
+        return bool(await self.client.expire(queue.upload_key(upload_id), self.upload_ttl_s))
 
     async def cancel(self, job_id: str) -> str:
         result = _s(await self._cancel(keys=[queue.job_key(job_id), queue.QUEUED],

@@ -5,9 +5,13 @@ Everything that can be refused is refused here, before a job exists: nothing inv
 
 from __future__ import annotations
 
+import base64
+import binascii
+
 from service.api.queue_client import QueueClient
 from service.errors import UnavailableError, ValidationError
-from service.jobs import GenerateParams
+from service.jobs import ControlRef, GenerateParams
+from service.models.control import decode_image
 from service.models.registry import Registry
 from service.settings import Settings
 
@@ -15,6 +19,12 @@ from service.settings import Settings
 async def submit(params: GenerateParams, *, registry: Registry, queue: QueueClient, settings: Settings,
                  idempotency_key: str | None) -> tuple[str, bool]:
     """Validate against the registry and the live workers, then enqueue. Returns (job id, created)."""
+    request = await prepare(params, registry=registry, queue=queue, settings=settings)
+    return await queue.enqueue(request, idempotency_key)
+
+
+async def check(params: GenerateParams, *, registry: Registry, queue: QueueClient, settings: Settings) -> str:
+    """Every check a job must pass before it is queued; returns the encoder name (the teacher when none is given)."""
     # 1. Names: both must be registry names (nothing from a request ever becomes a path or a source).
     spec = registry.pipeline(params.pipeline)
     encoder = params.encoder or (registry.teacher.name if registry.teacher else None)
@@ -33,6 +43,9 @@ async def submit(params: GenerateParams, *, registry: Registry, queue: QueueClie
         raise ValidationError(f"`loras` names an adapter twice: {names}", field="loras")
     for name in names:
         registry.lora(name, spec.name)
+    if params.control is not None:
+        control = registry.controlnet(params.control.name, spec.name)
+        control.mode_index(params.control.mode)
 
     # 3. A live worker must serve this pipeline with this encoder; its facts give the size multiple.
     workers = await queue.live_workers()
@@ -50,8 +63,41 @@ async def submit(params: GenerateParams, *, registry: Registry, queue: QueueClie
                 f"`{field}`={value} is not a multiple of {multiple}, which pipeline {params.pipeline!r} needs",
                 field=field,
             )
+    return encoder
 
-    # 4. Enqueue (atomic; 429 when the queue is full).
+
+async def prepare(params: GenerateParams, *, registry: Registry, queue: QueueClient, settings: Settings) -> dict:
+    """The checked job request as it is queued. An inline control image is checked and stored as an upload, so the
+    queued job carries an id only."""
+    encoder = await check(params, registry=registry, queue=queue, settings=settings)
+    if params.control is not None:
+        params = params.model_copy(update={"control": await store_control(params.control, queue, settings)})
     request = params.model_dump()
     request["encoder"] = encoder
-    return await queue.enqueue(request, idempotency_key)
+    return request
+
+
+def decode_base64_image(text: str, *, field: str, max_bytes: int) -> bytes:
+    """The bytes of a base64 image (a `data:image/...;base64,` URL too), checked to be a decodable image."""
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if ";base64" not in header:
+            raise ValidationError(f"`{field}`: a data URL must be base64-encoded", field=field)
+    if len(text) > max_bytes * 4 // 3 + 4:
+        decode_image(b"x" * (len(text) * 3 // 4), field=field, max_bytes=max_bytes)  # raises the 413
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValidationError(f"`{field}` is not valid base64", field=field) from None
+    decode_image(data, field=field, max_bytes=max_bytes)
+    return data
+
+
+async def store_control(control: ControlRef, queue: QueueClient, settings: Settings) -> ControlRef:
+    if control.image is not None:
+        data = decode_base64_image(control.image, field="control.image", max_bytes=settings.max_image_bytes)
+        return control.model_copy(update={"image": None, "image_id": await queue.put_upload(data)})
+    if not await queue.keep_upload(control.image_id):
+        raise ValidationError(f"`control.image_id` {control.image_id!r} is unknown or has expired; upload the "
+                              "image again with POST /v1/uploads", field="control.image_id")
+    return control

@@ -8,6 +8,7 @@
     DIR/encoders/t5-xxl/            the teacher: a T5EncoderModel + tokenizer (the widest)
     DIR/encoders/t5-{large,base,small}/   students (T5EncoderWithProjection) sharing the teacher's tokenizer
     DIR/loras/{flux,sd3}-style/     a tiny LoRA adapter per pipeline (peft, saved as diffusers saves LoRAs)
+    DIR/controlnets/{flux,sd3}-canny/   a tiny ControlNet per pipeline (FluxControlNetModel, SD3ControlNetModel)
 
 Weights are random but deterministic: the same command gives byte-identical weight and tokenizer files. The kit is
 the embedded default whenever no models file is configured, and what the tests use.
@@ -23,9 +24,12 @@ import torch
 import yaml
 from diffusers import (
     AutoencoderKL,
+    DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
     FluxPipeline,
     FluxTransformer2DModel,
+    SD3ControlNetModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
@@ -36,6 +40,7 @@ from service.models.student import T5EncoderWithProjection
 
 TEACHER_WIDTH = 64
 CLIP_WIDTH = 32
+KIT_VERSION = 2  # bump when the kit's contents change
 DEMO_SIZE = 64  # pixels; the VAE downsamples by 4 and FLUX packs 2x2, so sizes are multiples of 8
 
 
@@ -227,7 +232,7 @@ def build_sd3(clip_tokenizer: CLIPTokenizer, seed: int = 20) -> StableDiffusion3
         sample_size=DEMO_SIZE // 4,
         patch_size=1,
         in_channels=4,
-        num_layers=1,
+        num_layers=2,  # SD3's last block is context-only: one block would leave a ControlNet nothing to feed
         attention_head_dim=8,
         num_attention_heads=4,
         joint_attention_dim=TEACHER_WIDTH,
@@ -269,6 +274,31 @@ def build_lora(transformer: torch.nn.Module, seed: int, strength: float = 20.0) 
     return {k: (v * strength if "lora_B" in k else v).contiguous() for k, v in state.items()}
 
 
+def build_controlnet(pipe: DiffusionPipeline, seed: int) -> torch.nn.Module:
+    """A tiny ControlNet for a demo pipeline (FLUX: `FluxControlNetModel` from the transformer's blocks; SD3:
+    `SD3ControlNetModel` of the transformer's config). diffusers zero-initialises a ControlNet's output projections so
+    that an untrained one does nothing; here they are random, so that the control visibly changes the image."""
+    torch.manual_seed(seed)
+    config = pipe.transformer.config
+    if isinstance(pipe, FluxPipeline):
+        controlnet = FluxControlNetModel.from_transformer(
+            pipe.transformer, num_layers=1, num_single_layers=1, attention_head_dim=config.attention_head_dim,
+            num_attention_heads=config.num_attention_heads)
+        outputs = [controlnet.controlnet_x_embedder, *controlnet.controlnet_blocks,
+                   *controlnet.controlnet_single_blocks]
+    else:
+        controlnet = SD3ControlNetModel(
+            sample_size=config.sample_size, patch_size=config.patch_size, in_channels=config.in_channels,
+            num_layers=1, attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads,
+            joint_attention_dim=config.joint_attention_dim, caption_projection_dim=config.caption_projection_dim,
+            pooled_projection_dim=config.pooled_projection_dim, out_channels=config.out_channels,
+            pos_embed_max_size=config.pos_embed_max_size)
+        outputs = [controlnet.pos_embed_input.proj, *controlnet.controlnet_blocks]
+    for layer in outputs:
+        torch.nn.init.normal_(layer.weight, std=0.5)
+    return controlnet.eval()
+
+
 def models_file_dict() -> dict:
     """The demo kit's models file, with sources relative to it."""
     common = {"dtype": "auto", "device": "auto", "width": DEMO_SIZE, "height": DEMO_SIZE, "steps": 4}
@@ -284,6 +314,10 @@ def models_file_dict() -> dict:
         "loras": {
             f"{p}-style": {"pipeline": p, "source": f"./loras/{p}-style",
                            "weight_name": "pytorch_lora_weights.safetensors", "scale": 1.0}
+            for p in ("flux", "sd3")
+        },
+        "controlnets": {
+            f"{p}-canny": {"pipeline": p, "source": f"./controlnets/{p}-canny", "condition": "canny", "scale": 1.0}
             for p in ("flux", "sd3")
         },
     }
@@ -315,10 +349,12 @@ def make_demo(out_dir: str | Path, *, overwrite: bool = False) -> Path:
     for name, build, seed in (("flux", build_flux, 30), ("sd3", build_sd3, 31)):
         pipe = build(clip_tokenizer)
         pipe.save_pretrained(tmp / "pipelines" / name)
+        build_controlnet(pipe, seed).save_pretrained(tmp / "controlnets" / f"{name}-canny")
         type(pipe).save_lora_weights(tmp / "loras" / f"{name}-style",
                                      transformer_lora_layers=build_lora(pipe.transformer, seed))
 
-    # 4. The models file.
+    # 4. The models file, and the kit's version (a kit of another version is rebuilt by `ensure_demo`).
+    (tmp / "VERSION").write_text(f"{KIT_VERSION}\n")
     (tmp / "models.yaml").write_text(
         "# The demo model kit, written by `t2i models make-demo`. Paths are relative to this file.\n"
         + yaml.safe_dump(models_file_dict(), sort_keys=False)
@@ -332,6 +368,7 @@ def make_demo(out_dir: str | Path, *, overwrite: bool = False) -> Path:
 def ensure_demo(out_dir: str | Path) -> Path:
     """Build the kit at `out_dir` unless it is already there (the embedded default's first run)."""
     out_dir = Path(out_dir).expanduser()
-    if (out_dir / "models.yaml").exists():
+    version = out_dir / "VERSION"
+    if (out_dir / "models.yaml").exists() and version.exists() and version.read_text().strip() == str(KIT_VERSION):
         return out_dir
     return make_demo(out_dir, overwrite=True)

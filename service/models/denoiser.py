@@ -12,16 +12,29 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
+from diffusers import (
+    DiffusionPipeline,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+    FluxPipeline,
+    SD3ControlNetModel,
+    StableDiffusion3ControlNetPipeline,
+    StableDiffusion3Pipeline,
+)
 
 from service.errors import ModelLoadError, ValidationError
 from service.models.devices import module_bytes, module_params, resolve_device, resolve_dtype
-from service.models.registry import LoraSpec, PipelineSpec
+from service.models.registry import ControlNetSpec, LoraSpec, PipelineSpec
 
 # family -> (pipeline class, the keyword of its T5 slot(s) to leave empty)
 FAMILIES: dict[str, tuple[type[DiffusionPipeline], dict[str, None]]] = {
     "flux": (FluxPipeline, {"text_encoder_2": None, "tokenizer_2": None}),
     "sd3": (StableDiffusion3Pipeline, {"text_encoder_3": None, "tokenizer_3": None}),
+}
+# family -> (ControlNet model class, the ControlNet pipeline built from the same components)
+CONTROL_FAMILIES: dict[str, tuple[type[torch.nn.Module], type[DiffusionPipeline]]] = {
+    "flux": (FluxControlNetModel, FluxControlNetPipeline),
+    "sd3": (SD3ControlNetModel, StableDiffusion3ControlNetPipeline),
 }
 
 
@@ -31,6 +44,7 @@ class Denoiser:
         self.pipe = pipe
         self.loaded_loras: set[str] = set()
         self.active_loras: tuple[tuple[str, float], ...] = ()
+        self.control_pipes: dict[str, DiffusionPipeline] = {}
 
     @classmethod
     def load(cls, spec: PipelineSpec, *, device: str | None = None) -> "Denoiser":
@@ -132,6 +146,26 @@ class Denoiser:
             self.pipe.disable_lora()
         self.active_loras = wanted
         return time.perf_counter() - start
+
+    def control_pipe(self, spec: ControlNetSpec) -> DiffusionPipeline:
+        """The diffusers ControlNet pipeline for this ControlNet, sharing every component (and so the active LoRA
+        adapters) with the plain pipeline: only the ControlNet's own weights are loaded, once."""
+        if spec.name not in self.control_pipes:
+            model_cls, pipeline_cls = CONTROL_FAMILIES[self.family]
+            what = f"controlnet {spec.name!r}"
+            spec.check_local(what)
+            try:
+                controlnet = model_cls.from_pretrained(spec.source, dtype=self.dtype, **spec.hf_kwargs())
+            except Exception as exc:  # missing files, weights of another family
+                raise ModelLoadError(f"{what}: cannot load {spec.describe()}: {exc}", field="control.name") from exc
+            pipe = pipeline_cls.from_pipe(self.pipe, controlnet=controlnet.to(self.device))
+            pipe.set_progress_bar_config(disable=True)
+            self.control_pipes[spec.name] = pipe
+        return self.control_pipes[spec.name]
+
+    @property
+    def controlnet_bytes(self) -> int:
+        return sum(module_bytes(p.controlnet) for p in self.control_pipes.values())
 
     # -- conditioning ------------------------------------------------------------------------------------------
     @torch.inference_mode()

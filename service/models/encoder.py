@@ -26,10 +26,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Encoded:
-    """Per-token embeddings `(batch, max_sequence_length, width)` and, per prompt, whether it was truncated."""
+    """Per-token embeddings `(batch, max_sequence_length, width)`; per prompt, whether it was truncated and how many
+    of its tokens are real (the rest is padding)."""
 
     embeds: torch.Tensor
     truncated: list[bool]
+    lengths: list[int]
 
 
 def load_tokenizer(source: Source, what: str) -> PreTrainedTokenizerBase:
@@ -121,20 +123,24 @@ class TextEncoder:
 
     # -- encoding ----------------------------------------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, list[bool]]:
+        ids, truncated, _ = self._tokenize(prompts)
+        return ids, truncated
+
+    def _tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, list[bool], list[int]]:
         max_len = self.spec.max_sequence_length
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
-        ).input_ids
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True,
+                                return_tensors="pt")
+        ids = tokens.input_ids
         full_lengths = [len(x) for x in self.tokenizer(prompts, truncation=False).input_ids]
         truncated = [n > max_len for n in full_lengths]
         for n, cut in zip(full_lengths, truncated):
             if cut:  # the prompt itself is not logged: prompts may be private
                 log.warning("encoder %s: a prompt of %d tokens was truncated to max_sequence_length=%d",
                             self.name, n, max_len)
-        return ids, truncated
+        return ids, truncated, tokens.attention_mask.sum(dim=1).tolist()
 
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> Encoded:
-        ids, truncated = self.tokenize(prompts)
+        ids, truncated, lengths = self._tokenize(prompts)
         embeds = self.model(ids.to(self.device), output_hidden_states=False)[0]
-        return Encoded(embeds=embeds, truncated=truncated)
+        return Encoded(embeds=embeds, truncated=truncated, lengths=lengths)

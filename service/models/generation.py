@@ -17,12 +17,28 @@ import torch
 from PIL import Image
 
 from service.errors import CancelledError, ModelLoadError, ValidationError
+from service.models import control as control_images
 from service.models.denoiser import Denoiser
 from service.models.encoder import TextEncoder, load_tokenizer, tokenizer_fingerprint
 from service.models.encoder_pool import EncoderPool
 from service.models.registry import Registry
 
 MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ControlInput:
+    """A ControlNet for one call: a registered name and the control image, before preprocessing."""
+
+    name: str
+    image: Image.Image
+    mode: str | None = None  # union ControlNets only
+    preprocess: control_images.Preprocess = "auto"
+    canny_low: int = control_images.CANNY_LOW
+    canny_high: int = control_images.CANNY_HIGH
+    scale: float | None = None  # None: the registered default
+    start: float = 0.0
+    end: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -40,14 +56,17 @@ class GenerationRequest:
     negative_prompt: str | None = None
     num_images: int = 1
     loras: tuple[tuple[str, float | None], ...] = ()  # (registered LoRA name, scale or None for its default)
+    control: ControlInput | None = None
 
 
 @dataclass
 class GenerationResult:
     images: list[Image.Image]
     seed: int
-    timings: dict[str, float]  # seconds: adapters (LoRA switch), encode (T5), clip, denoise, decode
+    timings: dict[str, float]  # seconds: adapters (LoRA switch, ControlNet load), encode (T5), clip, control
+    # (preprocessing), denoise, decode
     warnings: list[str] = field(default_factory=list)
+    embedding: torch.Tensor | None = None  # the prompt's T5 embeddings over its real tokens, (tokens, width), CPU
 
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
@@ -132,13 +151,25 @@ class Generator:
             raise ValidationError(f"`num_images`={request.num_images} is out of range [1, 16]", field="num_images")
 
         # 2. Components: the denoiser (kept) and the chosen encoder (loaded on first use), checked to fit; then
-        #    exactly the requested LoRA adapters active on the denoiser.
+        #    exactly the requested LoRA adapters active on the denoiser, and the ControlNet pipeline if one is asked
+        #    for (it shares the denoiser's components).
         loras = [(self.registry.lora(name, spec.name), scale) for name, scale in request.loras]
+        control = request.control
+        control_spec = self.registry.controlnet(control.name, spec.name) if control else None
+        control_mode = control_spec.mode_index(control.mode) if control else None
+        if control and not 0.0 <= control.start < control.end <= 1.0:
+            raise ValidationError(f"control `start`={control.start} and `end`={control.end} must satisfy "
+                                  "0 <= start < end <= 1", field="control.start")
         denoiser, encoder = self.load(request.pipeline, request.encoder)
         denoiser.check_size(width, height)
         timings["adapters"] = denoiser.use_loras(
             [(lora, lora.scale if scale is None else scale) for lora, scale in loras]
         )
+        pipe = denoiser.pipe
+        if control_spec is not None:
+            start = time.perf_counter()
+            pipe = denoiser.control_pipe(control_spec)
+            timings["adapters"] += time.perf_counter() - start
 
         # 3. Encode the prompt with the chosen T5 encoder (and the negative prompt when SD3 uses CFG).
         start = time.perf_counter()
@@ -163,7 +194,21 @@ class Generator:
         cond = {k: v.repeat_interleave(request.num_images, dim=0) for k, v in cond.items()}
         timings["clip"] = time.perf_counter() - start
 
-        # 5. Denoise with the stock pipeline. The step callback reports progress, honours cancellation at the next
+        # 5. The control image, preprocessed as the ControlNet expects (canny edges, or a given map as is); the
+        #    pipeline resizes it to the output size.
+        if control is not None:
+            start = time.perf_counter()
+            extra.update(
+                control_image=control_images.prepare(control.image, control.preprocess, control_spec.condition,
+                                                     low=control.canny_low, high=control.canny_high),
+                controlnet_conditioning_scale=control_spec.scale if control.scale is None else control.scale,
+                control_guidance_start=control.start, control_guidance_end=control.end,
+            )
+            if control_mode is not None:
+                extra["control_mode"] = control_mode
+            timings["control"] = time.perf_counter() - start
+
+        # 6. Denoise with the stock pipeline. The step callback reports progress, honours cancellation at the next
         #    step, and marks where denoising ends so that decoding is timed apart.
         marks = {"start": time.perf_counter()}
 
@@ -176,7 +221,7 @@ class Generator:
             return callback_kwargs
 
         noise = torch.Generator(device="cpu").manual_seed(seed)  # CPU noise: the same image on any device
-        output = denoiser.pipe(
+        output = pipe(
             **cond,
             height=height,
             width=width,
@@ -191,7 +236,9 @@ class Generator:
         )
         end = time.perf_counter()
 
-        # 6. Timings: denoise up to the last step, decode after it.
+        # 7. Timings: denoise up to the last step, decode after it.
         timings["denoise"] = marks.get("last_step", end) - marks["start"]
         timings["decode"] = end - marks.get("last_step", end)
-        return GenerationResult(images=list(output.images), seed=seed, timings=timings, warnings=warnings)
+        embedding = encoded.embeds[0, : encoded.lengths[0]].float().cpu()
+        return GenerationResult(images=list(output.images), seed=seed, timings=timings, warnings=warnings,
+                                embedding=embedding)

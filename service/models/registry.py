@@ -16,6 +16,10 @@ A models file looks like::
         kind: teacher                 # teacher | student
         source: ./encoders/t5-xxl
         max_sequence_length: 512
+    loras:                            # LoRA adapters, switched per request
+      flux-style: {pipeline: flux, source: ./loras/flux-style, weight_name: pytorch_lora_weights.safetensors}
+    controlnets:                      # ControlNets, chosen per request
+      flux-canny: {pipeline: flux, source: ./controlnets/flux-canny, condition: canny, scale: 1.0}
 
 See `models.example.yaml` for the real checkpoints.
 """
@@ -129,12 +133,41 @@ class LoraSpec(Source):
     scale: float = Field(1.0, ge=-4.0, le=4.0, description="Default scale when a request names no scale.")
 
 
+class ControlNetSpec(Source):
+    """A ControlNet for one pipeline: `FluxControlNetModel` (single or union) for flux, `SD3ControlNetModel` for sd3."""
+
+    name: str
+    pipeline: str = Field(description="Registry name of the pipeline the ControlNet was trained for.")
+    condition: str = Field("canny", min_length=1, max_length=40,
+                           description="What its control images are (canny, depth, pose, ...); `canny` makes the "
+                                       "server run the canny preprocessor unless a request says `preprocess: none`.")
+    modes: list[str] = Field(default_factory=list, max_length=32,
+                             description="Union models only: the control modes in the model's index order "
+                                         "(e.g. canny, tile, depth, blur, pose, gray, lq); a request names one.")
+    scale: float = Field(1.0, ge=0.0, le=4.0, description="Default `controlnet_conditioning_scale`.")
+
+    def mode_index(self, mode: str | None) -> int | None:
+        """The index a union model needs for `mode`; None for a single-condition model."""
+        from service.errors import ValidationError
+
+        if not self.modes:
+            if mode is not None:
+                raise ValidationError(f"controlnet {self.name!r} is not a union model; `control.mode` must be unset",
+                                      field="control.mode")
+            return None
+        if mode is None or mode not in self.modes:
+            raise ValidationError(f"controlnet {self.name!r} needs `control.mode`, one of {self.modes} (got {mode!r})",
+                                  field="control.mode")
+        return self.modes.index(mode)
+
+
 class ModelsFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pipelines: dict[str, dict] = Field(default_factory=dict)
     encoders: dict[str, dict] = Field(default_factory=dict)
     loras: dict[str, dict] = Field(default_factory=dict)
+    controlnets: dict[str, dict] = Field(default_factory=dict)
 
 
 class Registry(BaseModel):
@@ -145,6 +178,7 @@ class Registry(BaseModel):
     pipelines: dict[str, PipelineSpec]
     encoders: dict[str, EncoderSpec]
     loras: dict[str, LoraSpec] = Field(default_factory=dict)
+    controlnets: dict[str, ControlNetSpec] = Field(default_factory=dict)
     path: Path | None = None
 
     @model_validator(mode="after")
@@ -152,10 +186,11 @@ class Registry(BaseModel):
         teachers = [e.name for e in self.encoders.values() if e.kind == "teacher"]
         if len(teachers) > 1:
             raise ValueError(f"encoders: at most one teacher, found {teachers}")
-        for lora in self.loras.values():
-            if lora.pipeline not in self.pipelines:
-                raise ValueError(f"loras.{lora.name}.pipeline: unknown pipeline {lora.pipeline!r}; known: "
-                                 f"{', '.join(sorted(self.pipelines))}")
+        for section, specs in (("loras", self.loras), ("controlnets", self.controlnets)):
+            for spec in specs.values():
+                if spec.pipeline not in self.pipelines:
+                    raise ValueError(f"{section}.{spec.name}.pipeline: unknown pipeline {spec.pipeline!r}; known: "
+                                     f"{', '.join(sorted(self.pipelines))}")
         return self
 
     # -- lookups -----------------------------------------------------------------------------------------------
@@ -178,6 +213,18 @@ class Registry(BaseModel):
         spec = self.loras[name]
         if spec.pipeline != pipeline:
             raise ValidationError(f"lora {name!r} is for pipeline {spec.pipeline!r}, not {pipeline!r}", field="loras")
+        return spec
+
+    def controlnet(self, name: str, pipeline: str) -> ControlNetSpec:
+        """A ControlNet by name, refused when it belongs to another pipeline."""
+        from service.errors import ValidationError
+
+        if name not in self.controlnets:
+            raise UnknownNameError("controlnet", name, list(self.controlnets), field="control.name")
+        spec = self.controlnets[name]
+        if spec.pipeline != pipeline:
+            raise ValidationError(f"controlnet {name!r} is for pipeline {spec.pipeline!r}, not {pipeline!r}",
+                                  field="control.name")
         return spec
 
     @property
@@ -204,13 +251,15 @@ class Registry(BaseModel):
         prefix: tuple = ()
         try:
             parsed = ModelsFile.model_validate(raw)
-            specs: dict[str, dict] = {"pipelines": {}, "encoders": {}, "loras": {}}
-            for section, spec_cls in (("pipelines", PipelineSpec), ("encoders", EncoderSpec), ("loras", LoraSpec)):
+            sections = (("pipelines", PipelineSpec), ("encoders", EncoderSpec), ("loras", LoraSpec),
+                        ("controlnets", ControlNetSpec))
+            specs: dict[str, dict] = {section: {} for section, _ in sections}
+            for section, spec_cls in sections:
                 for name, body in getattr(parsed, section).items():
                     prefix = (section, name)
                     specs[section][name] = spec_cls.model_validate(_resolve({**body, "name": name}, base_dir))
             prefix = ()
-            return cls(pipelines=specs["pipelines"], encoders=specs["encoders"], loras=specs["loras"], path=path)
+            return cls(**specs, path=path)
         except PydanticValidationError as exc:
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in prefix + tuple(first["loc"]))

@@ -48,6 +48,14 @@ class Consumer:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
+    def upload(self, upload_id: str) -> bytes | None:
+        """An uploaded control image's bytes; None once it has expired."""
+        return self.client.get(queue.upload_key(upload_id))
+
+    def store_embedding(self, job_id: str, data: bytes, ttl_s: int) -> None:
+        """The prompt's T5 embeddings (float16), kept beside the job's images for compare runs."""
+        self.client.set(queue.embedding_key(job_id), data, ex=ttl_s)
+
     # -- claiming ----------------------------------------------------------------------------------------------
     def claim(self, block_ms: int) -> list[Claim]:
         """Jobs abandoned by silent workers first (checked every half visibility timeout), then new ones."""

@@ -24,11 +24,12 @@ import redis
 import torch
 
 from service import metrics
-from service.errors import CancelledError, ConfigError, T2IError
+from service.errors import CancelledError, ConfigError, T2IError, ValidationError
 from service.jobs import JobStatus
 from service.models.encoder import TextEncoder
 from service.models.encoder_pool import EncoderPool
-from service.models.generation import GenerationRequest, GenerationResult, Generator
+from service.models.control import decode_image
+from service.models.generation import ControlInput, GenerationRequest, GenerationResult, Generator
 from service.models.registry import Registry
 from service.models.sizes import encoder_row
 from service.queue import stream_key
@@ -135,7 +136,7 @@ class Worker:
             device = denoiser.device
             reset_peak(device)
             result = self.generator.generate(
-                _request(params),
+                _request(params, self._control(params.get("control"))),
                 on_step=lambda step, steps: self.consumer.progress(claim.job_id, step, steps),
                 should_stop=lambda: self.consumer.cancel_requested(claim.job_id),
             )
@@ -143,9 +144,17 @@ class Worker:
             timings = {"queue_wait": queue_wait, **result.timings, "total": time.perf_counter() - start}
             outcome, stored = JobStatus.succeeded, {
                 "seed": result.seed, "timings": json.dumps(timings), "warnings": json.dumps(result.warnings),
-                "content_type": params.get("output_format", "png"),
+                "content_type": params.get("output_format", "png"), "device": str(device),
+                "peak_memory_bytes": peak_bytes(device),
             }
-            self._observe(pipeline, encoder_name, result, with_loras=bool(params.get("loras")))
+            if fields.get("keep_embedding") == "1" and result.embedding is not None:
+                embedding = result.embedding.to(torch.float16)
+                ttl = int(fields.get("ttl") or self.settings.result_ttl_s)
+                self._with_retry(lambda: self.consumer.store_embedding(
+                    claim.job_id, embedding.numpy().tobytes(), ttl))
+                stored["embedding_shape"] = ",".join(map(str, embedding.shape))
+            self._observe(pipeline, encoder_name, result, with_loras=bool(params.get("loras")),
+                          with_control=params.get("control") is not None)
         except CancelledError as exc:
             outcome, stored, images = JobStatus.cancelled, {"error": exc.message, "error_type": exc.error_type}, []
         except T2IError as exc:
@@ -175,8 +184,24 @@ class Worker:
         metrics.JOB_PEAK_MEMORY_BYTES.labels(pipeline, encoder_name, str(device)).set(peak_bytes(device))
         self.jobs_done += 1
 
-    def _observe(self, pipeline: str, encoder: str, result: GenerationResult, with_loras: bool) -> None:
+    def _control(self, control: dict | None) -> ControlInput | None:
+        """The job's control image, fetched by upload id and decoded (checked again: the worker trusts no bytes)."""
+        if control is None:
+            return None
+        data = self._with_retry(lambda: self.consumer.upload(control["image_id"]))
+        if data is None:
+            raise ValidationError(f"control image upload {control['image_id']!r} expired before the job ran "
+                                  f"(T2I_UPLOAD_TTL_S={self.settings.upload_ttl_s})", field="control.image_id")
+        image = decode_image(data, field="control.image", max_bytes=self.settings.max_image_bytes)
+        return ControlInput(name=control["name"], image=image, mode=control.get("mode"),
+                            preprocess=control.get("preprocess", "auto"), canny_low=control.get("canny_low", 100),
+                            canny_high=control.get("canny_high", 200), scale=control.get("scale"),
+                            start=control.get("start", 0.0), end=control.get("end", 1.0))
+
+    def _observe(self, pipeline: str, encoder: str, result: GenerationResult, with_loras: bool,
+                 with_control: bool) -> None:
         metrics.ADAPTER_JOBS.labels(pipeline, "with" if with_loras else "without").inc()
+        metrics.CONTROL_JOBS.labels(pipeline, "with" if with_control else "without").inc()
         if result.timings["adapters"] > 0:
             metrics.ADAPTER_SWITCH_SECONDS.labels(pipeline).observe(result.timings["adapters"])
         metrics.ENCODE_SECONDS.labels(encoder).observe(result.timings["encode"])
@@ -243,13 +268,14 @@ class Worker:
                 delay = min(delay * 2, 5.0)
 
 
-def _request(params: dict) -> GenerationRequest:
+def _request(params: dict, control: ControlInput | None = None) -> GenerationRequest:
     return GenerationRequest(
         prompt=params["prompt"], pipeline=params["pipeline"], encoder=params["encoder"], width=params.get("width"),
         height=params.get("height"), steps=params.get("steps"), guidance=params.get("guidance"),
         seed=params.get("seed"), negative_prompt=params.get("negative_prompt"),
         num_images=params.get("num_images", 1),
         loras=tuple((ref["name"], ref.get("scale")) for ref in params.get("loras", [])),
+        control=control,
     )
 
 

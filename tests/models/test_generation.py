@@ -1,6 +1,5 @@
 """Generation with a per-call encoder: equivalence with stock diffusers, determinism, and clear errors."""
 
-import json
 
 import pytest
 import torch

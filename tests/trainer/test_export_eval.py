@@ -94,3 +94,23 @@ def test_eval_shows_the_distilled_student_closer_on_every_criterion(distilled, d
     assert (tmp_path / "eval" / "report.md").read_text().count("|") > 20
     grid = Image.open(tmp_path / "eval" / "grid.png")
     assert grid.width > 3 * 128  # a column per model plus the prompt
+
+
+def test_eval_with_a_lora_and_a_controlnet_on_every_image(distilled, demo_dir, tmp_path):
+    """The LoRA and ControlNet apply to the teacher's and the students' images alike: the images differ from a plain
+    eval's, and the report records what was applied."""
+    from service.models.generation import ControlInput
+
+    config, out = distilled
+    square = Image.new("RGB", (64, 64))
+    square.paste((200, 200, 200), (16, 16, 48, 48))
+    plain = evaluate(config, [out], tmp_path / "plain", per_criterion=1)
+    both = evaluate(config, [out], tmp_path / "both", per_criterion=1, loras=(("flux-style", 1.0),),
+                    control=ControlInput(name="flux-canny", image=square))
+    assert both["loras"] == [{"name": "flux-style", "scale": 1.0}] and both["control"]["name"] == "flux-canny"
+    assert plain["loras"] == [] and plain["control"] is None
+    for criterion, rows in both["results"].items():
+        assert rows[out.name]["psnr"] != plain["results"][criterion][out.name]["psnr"], criterion
+    assert main(["eval", "--preset", "tiny-cpu", f"--models_file={demo_dir / 'models.yaml'}", f"--data={config.data}",
+                 "--student", str(out), "--out", str(tmp_path / "cli"), "--prompts", "1", "--lora", "flux-style",
+                 "--control", "flux-canny", "--control-image", str(tmp_path / "nope.png")]) == 2  # unreadable image

@@ -9,23 +9,13 @@ criterion (semantics: single, count and relation prompts; text rendering: signs)
 
 from __future__ import annotations
 
-import random
 from collections import defaultdict
 
 import numpy as np
 
 from service.models.generation import GenerationRequest, Generator
-from trainer.world.captions import caption, parse
+from trainer.world.captions import EVAL_SEED, held_out_prompts, parse  # noqa: F401 (re-exported)
 from trainer.world.evaluator import accuracy, score
-from trainer.world.scene import KINDS, sample
-
-EVAL_SEED = 10_000  # training draws scenes from seeds < 10_000
-
-
-def held_out_prompts(n: int, seed: int = EVAL_SEED) -> list[str]:
-    """`n` prompts, kinds in turn, drawn from a seed the training never used."""
-    rng = random.Random(seed)
-    return [caption(sample(rng, KINDS[i % len(KINDS)]), rng) for i in range(n)]
 
 
 def criterion_of(kind: str) -> str:

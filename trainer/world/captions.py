@@ -6,7 +6,9 @@ from __future__ import annotations
 import random
 import re
 
-from trainer.world.scene import OBJECT_SIZES, PALETTE, POSITIONS, RELATIONS, SHAPES, Scene
+from trainer.world.scene import KINDS, OBJECT_SIZES, PALETTE, POSITIONS, RELATIONS, SHAPES, Scene, sample
+
+EVAL_SEED = 10_000  # training draws scenes from seeds < 10_000
 
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 POSITION_PHRASES = {
@@ -64,6 +66,12 @@ def parse(text: str) -> dict | None:
                 break
         return truth
     return None
+
+
+def held_out_prompts(n: int, seed: int = EVAL_SEED, kinds: tuple[str, ...] = KINDS) -> list[str]:
+    """`n` prompts, `kinds` in turn, drawn from a seed the training never used."""
+    rng = random.Random(seed)
+    return [caption(sample(rng, kinds[i % len(kinds)]), rng) for i in range(n)]
 
 
 assert set(POSITION_PHRASES) == set(POSITIONS) and set(RELATION_PHRASES) == set(RELATIONS)

@@ -1,4 +1,5 @@
-"""`GET /v1/encoders` and `GET /v1/pipelines`: the registry, with what the live workers report about each model."""
+"""`GET /v1/encoders`, `/v1/pipelines`, `/v1/loras`, `/v1/controlnets`: the registry, with what the live
+workers report about each model."""
 
 from __future__ import annotations
 
@@ -74,3 +75,20 @@ async def loras(registry: RegistryDep) -> list[LoraInfo]:
     """Every registered LoRA adapter, with its pipeline and default scale; name them in `loras` of a request."""
     return [LoraInfo(name=s.name, pipeline=s.pipeline, source=s.describe(), scale=s.scale)
             for s in registry.loras.values()]
+
+
+class ControlNetInfo(BaseModel):
+    name: str
+    pipeline: str
+    source: str
+    condition: str
+    modes: list[str]
+    scale: float
+
+
+@router.get("/controlnets", response_model=list[ControlNetInfo])
+async def controlnets(registry: RegistryDep) -> list[ControlNetInfo]:
+    """Every registered ControlNet: its pipeline, what its control images are, its modes (union models only) and its
+    default conditioning scale; name one in `control` of a request."""
+    return [ControlNetInfo(name=s.name, pipeline=s.pipeline, source=s.describe(), condition=s.condition,
+                           modes=s.modes, scale=s.scale) for s in registry.controlnets.values()]

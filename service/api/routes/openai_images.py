@@ -1,6 +1,7 @@
 """`POST /v1/images/generations`, compatible with the OpenAI Images API, so existing clients work unchanged.
 
-`model` is the pipeline, `size` is "WxH"; the encoder and the other t2i-slim parameters come as extra fields:
+`model` is the pipeline, `size` is "WxH"; the encoder and the other t2i-slim parameters (seed, steps, guidance,
+negative_prompt, loras, control) come as extra fields:
 
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
     client.images.generate(model="flux", prompt="a red fox", size="1024x1024", extra_body={"encoder": "t5-base"})
@@ -20,7 +21,7 @@ from service import metrics
 from service.api.deps import JsonBody, QueueDep, RegistryDep, SettingsDep
 from service.api.submission import submit
 from service.errors import GenerationError, T2IError, UnavailableError, ValidationError
-from service.jobs import MAX_SEED, GenerateParams, JobStatus, LoraRef
+from service.jobs import MAX_SEED, ControlRef, GenerateParams, JobStatus, LoraRef
 
 router = APIRouter(tags=["openai"])
 
@@ -44,6 +45,7 @@ class ImagesRequest(BaseModel):
     guidance: float | None = Field(None, ge=0.0, le=30.0)
     negative_prompt: str | None = None
     loras: list[LoraRef] = Field(default_factory=list, max_length=4)
+    control: ControlRef | None = None
 
 
 class ImageData(BaseModel):
@@ -75,7 +77,7 @@ async def images_generations(body: ImagesRequest, request: Request, settings: Se
         params = GenerateParams(
             prompt=body.prompt, pipeline=body.model, encoder=body.encoder, width=width, height=height,
             steps=body.steps, guidance=body.guidance, seed=body.seed, negative_prompt=body.negative_prompt,
-            num_images=body.n, output_format=body.output_format, loras=body.loras,
+            num_images=body.n, output_format=body.output_format, loras=body.loras, control=body.control,
         )
     except Exception as exc:  # pydantic bounds on width/height from `size`
         raise ValidationError(f"`size`={body.size!r} is out of range [16, 2048] per side", field="size") from exc

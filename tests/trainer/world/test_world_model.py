@@ -4,9 +4,7 @@ accuracy over its untrained start."""
 
 import random
 
-import numpy as np
 import pytest
-import torch
 
 from service.models.generation import GenerationRequest, Generator
 from service.models.registry import MINIATURE_KIT, Registry, default_models_file
