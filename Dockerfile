@@ -1,9 +1,70 @@
-# Minimal image; the multi-stage GPU/CPU build comes with the deployment work.
-FROM python:3.11-slim
-WORKDIR /app
-COPY pyproject.toml README.md ./
+# syntax=docker/dockerfile:1
+# t2i-slim: one image for `t2i api`, `t2i worker` and `t2i serve` (the command picks the role).
+#
+#   docker build -t t2i-slim .                                   # GPU hosts: CUDA runtime base, CUDA build of torch
+#   docker build -t t2i-slim:cpu --build-arg VARIANT=cpu .       # CPU only: slim base, CPU build of torch
+#   docker build --build-arg BAKE_MODELS=models -t t2i-slim .    # air-gapped sites: bake ./models into /models
+#
+# Model weights are mounted at /models (set T2I_MODELS_FILE=/models/models.yaml), not baked, unless BAKE_MODELS is
+# given. With no models file the image serves the miniature-world kit it ships (CPU-friendly, for a first look).
+
+ARG VARIANT=cuda
+ARG PYTHON=3.11
+ARG CUDA_BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
+
+# -- 1. build: every wheel, from the pinned requirements, into /wheels ------------------------------------------
+FROM python:${PYTHON}-slim AS build
+ARG VARIANT
+WORKDIR /src
+COPY requirements.lock pyproject.toml README.md ./
 COPY service ./service
 COPY trainer ./trainer
-RUN pip install --no-cache-dir .
+# The CPU variant takes torch from PyTorch's CPU index (no CUDA libraries); the CUDA variant from PyPI.
+# $extra is unquoted on purpose: it is empty or two words.
+# hadolint ignore=SC2086
+RUN if [ "$VARIANT" = "cpu" ]; then extra="--extra-index-url https://download.pytorch.org/whl/cpu"; else extra=""; fi \
+    && pip wheel --no-cache-dir --wheel-dir /wheels $extra -r requirements.lock \
+    && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+# -- 2a. runtime on a CUDA base (GPU hosts) -----------------------------------------------------------------------
+FROM ${CUDA_BASE} AS runtime-cuda
+ARG PYTHON
+ENV DEBIAN_FRONTEND=noninteractive
+# The distribution's Python is not 3.11 on every CUDA base; deadsnakes provides it. Versions float with the base.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends software-properties-common \
+    && add-apt-repository -y ppa:deadsnakes/ppa \
+    && apt-get install -y --no-install-recommends "python${PYTHON}" "python${PYTHON}-venv" \
+    && apt-get purge -y software-properties-common && apt-get autoremove -y \
+    && rm -rf /var/lib/apt/lists/* \
+    && "python${PYTHON}" -m venv /opt/venv
+
+# -- 2b. runtime on a slim base (CPU only) -------------------------------------------------------------------------
+FROM python:${PYTHON}-slim AS runtime-cpu
+RUN python -m venv /opt/venv
+
+# -- 3. the image: the chosen runtime, the wheels, a non-root user ------------------------------------------------
+# hadolint ignore=DL3006
+FROM runtime-${VARIANT}
+ARG BAKE_MODELS=deploy/docker/no-models
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/home/t2i/.cache/huggingface \
+    T2I_HOME=/home/t2i/.cache/t2i-slim \
+    T2I_HOST=0.0.0.0 \
+    T2I_WORKER_METRICS_HOST=0.0.0.0
+# Every wheel was built from requirements.lock in stage 1: the versions are pinned there.
+# hadolint ignore=DL3013
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index --find-links /wheels t2i-slim \
+    && useradd --create-home --uid 10001 t2i \
+    && mkdir -p /models && chown t2i /models
+# An optional models directory baked in (air-gapped sites); by default only a README: /models is a mount point.
+COPY --chown=10001 ${BAKE_MODELS} /models/
+USER 10001
+WORKDIR /home/t2i
+EXPOSE 8000 9400
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["t2i", "healthcheck"]
 ENTRYPOINT ["t2i"]
-CMD ["--help"]
+CMD ["serve"]

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from service.errors import T2IError, ValidationError
+from service.errors import T2IError, UnavailableError, ValidationError
 from service.settings import get_settings
 
 log = logging.getLogger("t2i")
@@ -145,6 +145,27 @@ def cmd_models_list(args: argparse.Namespace) -> None:
         [[t, r.name, _count(r.params), _size(r.bytes), r.dtype, r.width or "?", r.device, r.source, r.note]
          for t, r in rows],
     )
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> None:
+    """Exit 0 when this container's process answers /healthz (the API on T2I_PORT, or a worker on
+    T2I_WORKER_METRICS_PORT): the Docker HEALTHCHECK. No torch, no Redis."""
+    import urllib.request
+
+    settings = get_settings()
+    urls = args.url or [f"http://127.0.0.1:{settings.port}/healthz",
+                        f"http://127.0.0.1:{settings.worker_metrics_port}/healthz"]
+    reasons = []
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, timeout=args.timeout) as response:
+                if response.status == 200:
+                    print(f"healthy: {url}")
+                    return
+                reasons.append(f"{url}: HTTP {response.status}")
+        except OSError as exc:
+            reasons.append(f"{url}: {getattr(exc, 'reason', exc)}")
+    raise UnavailableError("unhealthy: " + "; ".join(reasons))
 
 
 def cmd_models_sizes(args: argparse.Namespace) -> None:
@@ -506,6 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_models_make_demo)
     sizes = models.add_parser("sizes", parents=[common], help="real-size architectures counted on the meta device")
     sizes.set_defaults(func=cmd_models_sizes)
+
+    health = sub.add_parser("healthcheck", help="exit 0 when the API or worker on this host answers /healthz")
+    health.add_argument("--url", action="append", help="URL to check (repeat; default: the API's and the worker's "
+                                                       "/healthz on 127.0.0.1)")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=cmd_healthcheck)
     return parser
 
 

@@ -19,9 +19,9 @@ class Settings(BaseSettings):
 
     # -- models ------------------------------------------------------------------------------------------------
     models_file: Path | None = Field(
-        None, description="Models file (YAML or TOML). Unset: the embedded demo kit under `home`/demo."
+        None, description="Models file (YAML or TOML). Unset: the miniature-world kit shipped with the package."
     )
-    home: Path = Field(Path.home() / ".cache" / "t2i-slim", description="Where the embedded demo kit is built.")
+    home: Path = Field(Path.home() / ".cache" / "t2i-slim", description="Where `t2i models make-demo` and the tests' demo kit go.")
     threads: int = Field(1, ge=1, le=512, description="CPU threads torch may use in one process.")
 
     # -- service -----------------------------------------------------------------------------------------------
@@ -88,11 +88,28 @@ def env_example() -> str:
              "# an empty value means the default.", ""]
     for name, field in Settings.model_fields.items():
         default = field.default
-        if name == "home":
-            default = "~/.cache/t2i-slim"
+        description = field.description
+        if name == "home":  # machine-specific: shown, left empty (empty = the default)
+            default, description = None, f"{description} Default: ~/.cache/t2i-slim."
         value = "" if default is None else ",".join(default) if isinstance(default, list) else default
-        lines += [f"# {field.description}", f"T2I_{name.upper()}={value}"]
+        lines += [f"# {description}", f"T2I_{name.upper()}={value}"]
+    lines += ["", "# -- docker compose only (docker-compose.yml reads these; the service does not) --"]
+    for name, (default, description) in STACK_VARIABLES.items():
+        lines += [f"# {description}", f"{name}={default}"]
     return "\n".join(lines) + "\n"
+
+
+STACK_VARIABLES = {
+    "COMPOSE_PROFILES": ("gpu", "Which workers `docker compose up` starts: gpu (one GPU each) or cpu."),
+    "STACK_IMAGE": ("t2i-slim:latest", "Image of the API and the GPU workers."),
+    "STACK_IMAGE_CPU": ("t2i-slim:cpu", "Image of the CPU worker (profile cpu)."),
+    "STACK_VARIANT": ("cuda", "Build variant of STACK_IMAGE: cuda or cpu."),
+    "STACK_MODELS_DIR": ("./deploy/docker/no-models", "Host directory mounted read-only at /models."),
+    "STACK_API_PORT": ("8000", "Host port of the API."),
+    "STACK_PROMETHEUS_PORT": ("9090", "Host port of Prometheus."),
+    "STACK_GRAFANA_PORT": ("3000", "Host port of Grafana."),
+    "STACK_GRAFANA_PASSWORD": ("admin", "Grafana's admin password: change it."),
+}
 
 
 if __name__ == "__main__":

@@ -166,6 +166,29 @@ def test_a_miniature_prompt_set_gets_the_evaluator_column(api):
     assert all(s["accuracy"] is None for s in done["summary"])
 
 
+def test_a_run_applies_loras_and_a_control_image_to_every_encoder(api):
+    import base64
+
+    square = Image.new("RGB", (64, 64))
+    square.paste((200, 200, 200), (16, 16, 48, 48))
+    buffer = io.BytesIO()
+    square.save(buffer, format="PNG")
+    common = {"prompts": ["a red fox in snow"], "encoders": ["t5-small", "t5-xxl"], "seeds": [4]}
+    plain = finished(api, api.post("/v1/compare", json=common).json()["id"])
+    response = api.post("/v1/compare", json={
+        **common, "loras": [{"name": "flux-style"}],
+        "control": {"name": "flux-canny", "image": base64.b64encode(buffer.getvalue()).decode()}})
+    assert response.status_code == 202, response.text
+    adapted = finished(api, response.json()["id"])
+    for encoder in ("t5-small", "t5-xxl"):
+        job = api.get(adapted["cells"][0]["results"][encoder]["image"].rsplit("/images/", 1)[0]).json()
+        assert "control" in job["timings"]  # the ControlNet ran on this encoder's job
+        a = to_unit(Image.open(io.BytesIO(api.get(plain["cells"][0]["results"][encoder]["image"]).content)))
+        b = to_unit(Image.open(io.BytesIO(api.get(adapted["cells"][0]["results"][encoder]["image"]).content)))
+        assert np.abs(a - b).mean() * 255 > 2.0
+    assert adapted["cells"][0]["results"]["t5-small"]["psnr"] is not None
+
+
 @pytest.mark.parametrize(
     "body, field, words",
     [

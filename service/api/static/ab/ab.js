@@ -27,7 +27,7 @@ const bytes = (b) => {
   return b.toFixed(i ? 1 : 0) + " " + units[i];
 };
 const count = (n) => (n === null || n === undefined ? "–" : n >= 1e9 ? (n / 1e9).toFixed(2) + " B"
-  : n >= 1e6 ? (n / 1e6).toFixed(1) + " M" : n.toLocaleString());
+  : n >= 1e6 ? (n / 1e6).toFixed(1) + " M" : n >= 1e3 ? (n / 1e3).toFixed(0) + " K" : String(n));
 const el = (tag, attrs = {}, ...children) => {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
