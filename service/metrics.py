@@ -34,6 +34,14 @@ ENCODER_LOAD_SECONDS = Histogram(
     "t2i_encoder_load_duration_seconds", "Time to load an encoder (a switch to a non-resident one).", ["encoder"],
     buckets=LATENCY_BUCKETS,
 )
+EMBEDDING_CACHE = Counter(
+    "t2i_embedding_cache_requests_total",
+    "Prompt-embedding lookups per encoder: hit_local (this worker), hit_shared (Redis), miss (the encoder ran).",
+    ["encoder", "result"],
+)
+BATCH_SIZE = Histogram(
+    "t2i_batch_size", "Jobs denoised together in one call.", ["pipeline"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+)
 ENCODER_EVICTIONS = Counter("t2i_encoder_evictions_total", "Encoders evicted to stay in the memory budget.", ["encoder"])
 
 # -- worker: per pipeline --------------------------------------------------------------------------------------

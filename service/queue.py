@@ -22,6 +22,7 @@ job is never half-enqueued, and a job finished twice (a redelivered duplicate) k
     t2i:compare:{id}:cells      hash: cell -> JSON of its metrics, once every job of the cell has ended
     t2i:compare:{id}:votes      hash: voter|cell|encoder|encoder -> left | right | tie (first vote counts)
     t2i:compare:{id}:pair:{t}   JSON of a blind pair served to a voter (which encoder is on which side)
+    t2i:emb:...                 the shared prompt-embedding cache (service.worker.embedding_store)
     t2i:workers                 zset: worker id -> last heartbeat (unix time)
     t2i:worker:{id}             JSON facts of a live worker (expires with its heartbeat)
 """
@@ -49,6 +50,15 @@ def upload_key(upload_id: str) -> str:
 
 def embedding_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:embedding"
+
+
+def embedding_cache_key(key: str) -> str:
+    return f"{PREFIX}:emb:{key}"
+
+
+EMBEDDING_LRU = f"{PREFIX}:emb:lru"
+EMBEDDING_SIZES = f"{PREFIX}:emb:sizes"
+EMBEDDING_BYTES = f"{PREFIX}:emb:bytes"
 
 
 def compare_key(run_id: str) -> str:

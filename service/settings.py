@@ -43,6 +43,23 @@ class Settings(BaseSettings):
     encoder_memory_budget_bytes: int = Field(
         0, ge=0, description="Bytes of encoder weights a worker keeps resident; 0 means no limit."
     )
+    embedding_cache: bool = Field(True, description="Cache prompt embeddings (in each worker and shared in Redis).")
+    embedding_cache_local_bytes: int = Field(
+        256 * 2**20, ge=0, description="Bytes of prompt embeddings each worker keeps in memory."
+    )
+    embedding_cache_bytes: int = Field(
+        2 * 2**30, ge=0, description="Bytes of prompt embeddings kept in Redis for all workers (LRU beyond)."
+    )
+    embedding_cache_ttl_s: int = Field(86400, ge=1, description="Seconds a cached prompt embedding is kept.")
+    embedding_cache_max_entry_bytes: int = Field(
+        8 * 2**20, ge=1, description="Larger embeddings (one prompt) are not cached in Redis."
+    )
+    max_batch: int = Field(
+        4, ge=1, le=64, description="Most jobs a worker denoises in one call (same pipeline, encoder, size, steps)."
+    )
+    batch_wait_ms: int = Field(
+        10, ge=0, le=10_000, description="How long a worker waits for more jobs to fill a batch, in milliseconds."
+    )
     max_queue: int = Field(256, ge=1, description="Queued jobs above which the API answers 429.")
     result_ttl_s: int = Field(3600, ge=10, description="Seconds a finished job and its images are kept.")
     visibility_timeout_s: float = Field(

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, T5EncoderModel
@@ -50,6 +51,25 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def weights_identity(spec: EncoderSpec, model: torch.nn.Module) -> str:
+    """What the weights are, for the embedding cache: the models file's `cache_key`, else the Hub commit the weights
+    came from, else a SHA-256 of the local weight and config files (streamed once per load)."""
+    if spec.cache_key:
+        return spec.cache_key
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit and not spec.is_local:
+        return f"{spec.source}@{commit}"
+    folder = Path(spec.source).expanduser() / (spec.subfolder or "")
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.suffix in (".safetensors", ".bin", ".json") and path.is_file():
+            digest.update(path.name.encode())
+            with open(path, "rb") as f:
+                while chunk := f.read(8 * 2**20):
+                    digest.update(chunk)
+    return digest.hexdigest()[:32]
+
+
 def _is_student(config) -> bool:
     return "T5EncoderWithProjection" in (getattr(config, "architectures", None) or []) or hasattr(
         config, "project_out_dim"
@@ -64,6 +84,7 @@ class TextEncoder:
         self.model = model
         self.tokenizer = tokenizer
         self.fingerprint = tokenizer_fingerprint(tokenizer)
+        self.identity = f"{spec.name}|{weights_identity(spec, model)}|{self.fingerprint}"
 
     # -- loading -----------------------------------------------------------------------------------------------
     @classmethod

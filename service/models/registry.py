@@ -116,6 +116,10 @@ class EncoderSpec(Source):
     tokenizer: Source | None = Field(
         None, description="Where the tokenizer is, if not beside the weights (e.g. FLUX's `tokenizer_2`)."
     )
+    cache_key: str | None = Field(
+        None, max_length=200, description="Identity of the weights in the embedding cache. Default: the Hub commit, "
+                                          "or a hash of the local weight files (read once at load)."
+    )
 
     @property
     def tokenizer_source(self) -> Source:

@@ -79,6 +79,21 @@ class Consumer:
                 claims.append(Claim(_s(stream), _s(entry_id), _s(fields[b"job"])))
         return claims
 
+    def claim_more(self, stream: str, count: int, wait_ms: int) -> list[Claim]:
+        """Up to `count` more new jobs from one stream, to batch with a job just claimed from it: those already
+        queued, and those that arrive within `wait_ms` (0: no waiting)."""
+        claims: list[Claim] = []
+        deadline = time.monotonic() + wait_ms / 1000
+        while len(claims) < count:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            reply = self.client.xreadgroup(queue.GROUP, self.worker_id, {stream: ">"}, count=count - len(claims),
+                                           block=left_ms if left_ms > 0 else None)
+            entries = [e for _, es in reply or [] for e in es]
+            claims += [Claim(stream, _s(entry_id), _s(fields[b"job"])) for entry_id, fields in entries]
+            if not entries or left_ms <= 0:
+                break
+        return claims
+
     def refresh(self, claim: Claim) -> None:
         """Reset the idle time of a claim this worker still owns, so a long job is not redelivered."""
         pending = self.client.xpending_range(claim.stream, queue.GROUP, min=claim.entry_id, max=claim.entry_id, count=1)

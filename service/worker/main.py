@@ -19,6 +19,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 import redis
 import torch
@@ -29,12 +30,14 @@ from service.jobs import JobStatus
 from service.models.encoder import TextEncoder
 from service.models.encoder_pool import EncoderPool
 from service.models.control import decode_image
-from service.models.generation import ControlInput, GenerationRequest, GenerationResult, Generator
+from service.models.embedding_cache import EmbeddingCache
+from service.models.generation import ControlInput, GenerationRequest, GenerationResult, Generator, batch_key
 from service.models.registry import Registry
 from service.models.sizes import encoder_row
 from service.queue import stream_key
 from service.settings import Settings
 from service.worker.consumer import Claim, Consumer
+from service.worker.embedding_store import RedisEmbeddingStore
 from service.worker.health import HealthServer
 from service.worker.memory import peak_bytes, reset_peak
 
@@ -54,11 +57,10 @@ class Worker:
             registry.pipeline(name)
         for name in self.encoder_names:
             registry.encoder(name)
-        self.generator = Generator(
-            registry, encoders=EncoderPool(settings.encoder_memory_budget_bytes, on_evict=self._evicted, on_load=self._loaded)
-        )
+        self.generator = Generator(registry, encoders=EncoderPool(
+            settings.encoder_memory_budget_bytes, on_evict=self._evicted, on_load=self._loaded))
         self.stopping = threading.Event()
-        self.current: Claim | None = None
+        self.current: list[Claim] = []
         self.jobs_done = 0
         self.started_at = time.time()
         self.health: HealthServer | None = None
@@ -86,6 +88,14 @@ class Worker:
                                  visibility_timeout_s=self.settings.visibility_timeout_s,
                                  result_ttl_s=self.settings.result_ttl_s)
         self._with_retry(self.consumer.ensure_groups)
+        if self.settings.embedding_cache:  # in memory, and shared in Redis when it has a byte budget
+            store = RedisEmbeddingStore(
+                client, max_bytes=self.settings.embedding_cache_bytes, ttl_s=self.settings.embedding_cache_ttl_s,
+                max_entry_bytes=self.settings.embedding_cache_max_entry_bytes,
+            ) if self.settings.embedding_cache_bytes > 0 else None
+            self.generator.embedding_cache = EmbeddingCache(
+                self.settings.embedding_cache_local_bytes, store,
+                on_lookup=lambda encoder, result: metrics.EMBEDDING_CACHE.labels(encoder, result).inc())
 
         # 3. Health and metrics endpoint, heartbeat thread, signals.
         self.health = HealthServer(self.settings.worker_metrics_host, self.settings.worker_metrics_port,
@@ -116,73 +126,115 @@ class Worker:
         log.info("worker %s stopped after %d jobs", self.worker_id, self.jobs_done)
         return 0
 
-    # -- one job -----------------------------------------------------------------------------------------------
+    # -- jobs ----------------------------------------------------------------------------------------------------
     def process(self, claim: Claim) -> None:
-        status, fields = self._with_retry(lambda: self.consumer.start(claim))
-        if status != "running":
-            self._with_retry(lambda: self.consumer.release(claim))
-            return
-        params = json.loads(fields["request"])
-        pipeline, encoder_name = params["pipeline"], params["encoder"]
-        if claim.redelivered:
-            metrics.JOBS_REDELIVERED.labels(pipeline, encoder_name).inc()
-        queue_wait = float(fields["started_at"]) - float(fields["created_at"])
-        metrics.QUEUE_WAIT_SECONDS.observe(max(queue_wait, 0.0))
-        self.current = claim
+        """Run a claimed job, with the jobs already queued behind it on the same stream that can share its
+        denoising call (up to T2I_MAX_BATCH, waiting at most T2I_BATCH_WAIT_MS for them)."""
+        claims = [claim]
+        if self.settings.max_batch > 1 and not claim.redelivered:
+            claims += self._with_retry(lambda: self.consumer.claim_more(
+                claim.stream, self.settings.max_batch - 1, self.settings.batch_wait_ms)) or []
+        jobs = []
+        for c in claims:
+            status, fields = self._with_retry(lambda c=c: self.consumer.start(c))
+            if status != "running":
+                self._with_retry(lambda c=c: self.consumer.release(c))
+                continue
+            jobs.append(Job(c, fields, json.loads(fields["request"])))
+        groups: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            try:
+                job.request = _request(job.params, self._control(job.params.get("control")))
+                key = batch_key(job.request)
+            except T2IError as exc:  # a bad control image: this job fails alone
+                job.request, key = None, ("failed", job.claim.job_id, exc)
+            groups.setdefault(key, []).append(job)
+        for key, group in groups.items():
+            self.run_batch(group, error=key[2] if key[0] == "failed" else None)
+
+    def run_batch(self, jobs: list["Job"], error: T2IError | None = None) -> None:
+        """Denoise these jobs in one call and store each one's own result; a failure fails them all readably and
+        the worker keeps serving."""
+        pipeline, encoder_name = jobs[0].params["pipeline"], jobs[0].params["encoder"]
+        for job in jobs:
+            if job.claim.redelivered:
+                metrics.JOBS_REDELIVERED.labels(pipeline, encoder_name).inc()
+            job.queue_wait = max(float(job.fields["started_at"]) - float(job.fields["created_at"]), 0.0)
+            metrics.QUEUE_WAIT_SECONDS.observe(job.queue_wait)
+        self.current = [job.claim for job in jobs]
         start = time.perf_counter()
         device = torch.device("cpu")
+        results: list[GenerationResult] = []
         try:
+            if error is not None:
+                raise error
             denoiser = self.generator.denoiser(pipeline)
             device = denoiser.device
             reset_peak(device)
-            result = self.generator.generate(
-                _request(params, self._control(params.get("control"))),
-                on_step=lambda step, steps: self.consumer.progress(claim.job_id, step, steps),
-                should_stop=lambda: self.consumer.cancel_requested(claim.job_id),
-            )
-            images = [_encode_image(im, params.get("output_format", "png")) for im in result.images]
-            timings = {"queue_wait": queue_wait, **result.timings, "total": time.perf_counter() - start}
-            outcome, stored = JobStatus.succeeded, {
-                "seed": result.seed, "timings": json.dumps(timings), "warnings": json.dumps(result.warnings),
-                "content_type": params.get("output_format", "png"), "device": str(device),
-                "peak_memory_bytes": peak_bytes(device),
-            }
-            if fields.get("keep_embedding") == "1" and result.embedding is not None:
-                embedding = result.embedding.to(torch.float16)
-                ttl = int(fields.get("ttl") or self.settings.result_ttl_s)
-                self._with_retry(lambda: self.consumer.store_embedding(
-                    claim.job_id, embedding.numpy().tobytes(), ttl))
-                stored["embedding_shape"] = ",".join(map(str, embedding.shape))
-            self._observe(pipeline, encoder_name, result, with_loras=bool(params.get("loras")),
-                          with_control=params.get("control") is not None)
+            ids = [job.claim.job_id for job in jobs]
+
+            def on_step(step: int, steps: int) -> None:
+                for job_id in ids:
+                    self.consumer.progress(job_id, step, steps)
+
+            results = self.generator.generate_batch(
+                [job.request for job in jobs], on_step=on_step,
+                should_stop=lambda: all(self.consumer.cancel_requested(i) for i in ids))
+            metrics.BATCH_SIZE.labels(pipeline).observe(len(jobs))
+            outcome, failure = JobStatus.succeeded, None
         except CancelledError as exc:
-            outcome, stored, images = JobStatus.cancelled, {"error": exc.message, "error_type": exc.error_type}, []
+            outcome, failure = JobStatus.cancelled, {"error": exc.message, "error_type": exc.error_type}
         except T2IError as exc:
-            outcome, stored, images = JobStatus.failed, {"error": exc.message, "error_type": exc.error_type}, []
+            outcome, failure = JobStatus.failed, {"error": exc.message, "error_type": exc.error_type}
         except torch.OutOfMemoryError as exc:
-            outcome, stored, images = JobStatus.failed, {
-                "error": f"out of device memory on {device}: {str(exc).splitlines()[0]}", "error_type": "generation"
-            }, []
-        except Exception as exc:  # the error boundary: the job fails readably, the worker keeps serving
-            log.exception("job %s failed", claim.job_id)
-            outcome, stored, images = JobStatus.failed, {
-                "error": f"{type(exc).__name__}: {exc}", "error_type": "internal"
-            }, []
+            outcome, failure = JobStatus.failed, {
+                "error": f"out of device memory on {device}: {str(exc).splitlines()[0]}", "error_type": "generation"}
+        except Exception as exc:  # the error boundary: the jobs fail readably, the worker keeps serving
+            log.exception("jobs %s failed", [job.claim.job_id for job in jobs])
+            outcome, failure = JobStatus.failed, {"error": f"{type(exc).__name__}: {exc}", "error_type": "internal"}
         finally:
-            self.current = None
+            self.current = []
         if outcome != JobStatus.succeeded:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        finished = self._with_retry(lambda: self.consumer.finish(claim.job_id, outcome, stored, images))
-        if not finished:
-            log.warning("job %s was already finished by another run; this result is dropped", claim.job_id)
-        self._with_retry(lambda: self.consumer.release(claim))
         elapsed = time.perf_counter() - start
-        metrics.JOBS.labels(pipeline, encoder_name, outcome.value).inc()
-        metrics.JOB_SECONDS.labels(pipeline, encoder_name).observe(elapsed)
-        metrics.JOB_PEAK_MEMORY_BYTES.labels(pipeline, encoder_name, str(device)).set(peak_bytes(device))
-        self.jobs_done += 1
+        peak = peak_bytes(device)
+        for i, job in enumerate(jobs):
+            job_outcome, stored, images = outcome, dict(failure or {}), []
+            if outcome == JobStatus.succeeded:
+                job_outcome, stored, images = self._stored(job, results[i], device, peak, elapsed)
+            finished = self._with_retry(lambda: self.consumer.finish(job.claim.job_id, job_outcome, stored, images))
+            if not finished:
+                log.warning("job %s was already finished by another run; this result is dropped", job.claim.job_id)
+            self._with_retry(lambda: self.consumer.release(job.claim))
+            metrics.JOBS.labels(pipeline, encoder_name, job_outcome.value).inc()
+            metrics.JOB_SECONDS.labels(pipeline, encoder_name).observe(elapsed)
+            metrics.JOB_PEAK_MEMORY_BYTES.labels(pipeline, encoder_name, str(device)).set(peak)
+            self.jobs_done += 1
+
+    def _stored(self, job: "Job", result: GenerationResult, device: torch.device, peak: int,
+                elapsed: float) -> tuple[JobStatus, dict, list[bytes]]:
+        """What a succeeded job stores: images, seed, timings, peak memory (and its prompt embedding for compare
+        runs). A job cancelled while its batch ran is stored as cancelled."""
+        params = job.params
+        if self.consumer.cancel_requested(job.claim.job_id):
+            return JobStatus.cancelled, {"error": "job cancelled during denoising", "error_type": "cancelled"}, []
+        fmt = params.get("output_format", "png")
+        images = [_encode_image(im, fmt) for im in result.images]
+        timings = {"queue_wait": job.queue_wait, **result.timings, "total": elapsed}
+        stored = {"seed": result.seed, "timings": json.dumps(timings), "warnings": json.dumps(result.warnings),
+                  "content_type": fmt, "device": str(device), "peak_memory_bytes": peak,
+                  "batch_size": result.batch_size}
+        if job.fields.get("keep_embedding") == "1" and result.embedding is not None:
+            embedding = result.embedding.to(torch.float16)
+            ttl = int(job.fields.get("ttl") or self.settings.result_ttl_s)
+            self._with_retry(lambda: self.consumer.store_embedding(job.claim.job_id, embedding.numpy().tobytes(),
+                                                                   ttl))
+            stored["embedding_shape"] = ",".join(map(str, embedding.shape))
+        self._observe(params["pipeline"], params["encoder"], result, with_loras=bool(params.get("loras")),
+                      with_control=params.get("control") is not None)
+        return JobStatus.succeeded, stored, images
 
     def _control(self, control: dict | None) -> ControlInput | None:
         """The job's control image, fetched by upload id and decoded (checked again: the worker trusts no bytes)."""
@@ -228,7 +280,7 @@ class Worker:
             "metrics_port": self.health.port if self.health else None,
             "started_at": self.started_at,
             "jobs_done": self.jobs_done,
-            "current_job": self.current.job_id if self.current else None,
+            "current_jobs": [c.job_id for c in self.current],
             "pipelines": {
                 name: {"family": d.family, "size_multiple": d.size_multiple, "width": d.joint_attention_dim,
                        "params": d.num_params, "bytes": d.num_bytes, "device": str(d.device),
@@ -246,8 +298,8 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 self.consumer.heartbeat(self.facts(), ttl_s=3 * period)
-                if self.current is not None:
-                    self.consumer.refresh(self.current)
+                for claim in list(self.current):
+                    self.consumer.refresh(claim)
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
             self.stopping.wait(period)
@@ -266,6 +318,17 @@ class Worker:
                 log.warning("redis unreachable (%s); retrying in %.1fs", exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+@dataclass
+class Job:
+    """A claimed, started job: its claim, its stored fields, its request as sent and as the generator takes it."""
+
+    claim: Claim
+    fields: dict[str, str]
+    params: dict
+    request: GenerationRequest | None = None
+    queue_wait: float = 0.0
 
 
 def _request(params: dict, control: ControlInput | None = None) -> GenerationRequest:

@@ -58,7 +58,7 @@ def test_a_job_survives_its_worker_being_killed(own_stack):
 
 def test_cancel_queued_and_running_then_keep_serving(own_stack):
     api_url = own_stack.start_api()
-    own_stack.start_worker()
+    own_stack.start_worker({"T2I_MAX_BATCH": "1"})  # one job at a time: the second stays queued
     with httpx.Client(base_url=api_url, timeout=30) as api:
         first = api.post("/v1/generate", json=LONG_JOB).json()["id"]
         second = api.post("/v1/generate", json=LONG_JOB).json()["id"]
@@ -157,3 +157,78 @@ def test_metrics_carry_the_encoder_label(api, stack):
     assert "t2i_queue_depth" in api_metrics and "t2i_workers_live" in api_metrics
     assert 't2i_api_requests_total{endpoint="generate",status="accepted"}' in api_metrics
     assert httpx.get(stack.worker.info["metrics_url"].replace("/metrics", "/healthz")).json() == {"status": "ok"}
+
+
+def test_queued_jobs_are_denoised_in_one_batch_with_their_own_images(own_stack, generator):
+    """Jobs queued behind a running one, on the same stream, run together in one denoising call; each gets the image
+    a lone run of its request gives."""
+    from PIL import Image
+    import io
+
+    from service.models.generation import GenerationRequest
+    from tests.pixels import pixel_diff
+
+    api_url = own_stack.start_api()
+    own_stack.start_worker({"T2I_MAX_BATCH": "4"})
+    with httpx.Client(base_url=api_url, timeout=30) as api:
+        blocker = api.post("/v1/generate?encoder=t5-base", json={**LONG_JOB, "steps": 20}).json()["id"]
+        running(api, blocker)
+        ids = [api.post("/v1/generate?encoder=t5-small", json={"prompt": f"a fox {k}", "seed": k}).json()["id"]
+               for k in range(3)]
+        jobs = [finished(api, i) for i in ids]
+        assert all(j["status"] == "succeeded" for j in jobs), jobs
+        assert {j["timings"]["denoise"] for j in jobs} == {jobs[0]["timings"]["denoise"]}  # one call
+        for k, j in enumerate(jobs):
+            image = Image.open(io.BytesIO(api.get(f"/v1/jobs/{j['id']}/images/0").content))
+            alone = generator.generate(GenerationRequest(prompt=f"a fox {k}", pipeline="flux", encoder="t5-small",
+                                                         seed=k)).images[0]
+            mean, peak = pixel_diff(image, alone)
+            assert mean <= 0.5 and peak <= 2.0, (k, mean, peak)
+        metrics = httpx.get(own_stack.procs[-1].info["metrics_url"]).text
+        # two calls: the blocker alone, then the three together
+        assert 't2i_batch_size_count{pipeline="flux"} 2.0' in metrics
+        assert 't2i_batch_size_sum{pipeline="flux"} 4.0' in metrics
+
+
+def test_one_job_of_a_batch_can_be_cancelled(own_stack):
+    api_url = own_stack.start_api()
+    own_stack.start_worker({"T2I_MAX_BATCH": "4"})
+    with httpx.Client(base_url=api_url, timeout=30) as api:
+        blocker = api.post("/v1/generate?encoder=t5-base", json={**LONG_JOB, "steps": 20}).json()["id"]
+        running(api, blocker)
+        keep, drop = (api.post("/v1/generate?encoder=t5-small", json={**LONG_JOB, "steps": 30, "seed": k}).json()["id"]
+                      for k in (1, 2))
+        running(api, drop)
+        assert api.delete(f"/v1/jobs/{drop}").json()["status"] == "running"  # cancelling
+        assert finished(api, drop)["status"] == "cancelled"
+        assert finished(api, keep)["status"] == "succeeded"
+
+
+def test_the_embedding_cache_is_shared_by_workers_and_gives_the_same_image(own_stack):
+    api_url = own_stack.start_api()
+    first = own_stack.start_worker({"T2I_WORKER_ENCODERS": "t5-base"})
+    body = {"prompt": "a cached lighthouse", "seed": 3}
+    with httpx.Client(base_url=api_url, timeout=30) as api:
+        a = api.post("/v1/generate?wait=true&encoder=t5-base", json=body).json()
+        first.stop()
+        second = own_stack.start_worker({"T2I_WORKER_ENCODERS": "t5-base"})
+        b = api.post("/v1/generate?wait=true&encoder=t5-base", json=body).json()
+        c = api.post("/v1/generate?wait=true&encoder=t5-base", json=body).json()
+        assert a["worker"] != b["worker"] == c["worker"]
+        images = [api.get(f"/v1/jobs/{j['id']}/images/0").content for j in (a, b, c)]
+        assert images[0] == images[1] == images[2]
+        metrics = httpx.get(second.info["metrics_url"]).text
+        assert 't2i_embedding_cache_requests_total{encoder="t5-base",result="hit_shared"}' in metrics  # from Redis
+        assert 't2i_embedding_cache_requests_total{encoder="t5-base",result="hit_local"}' in metrics  # then in memory
+        assert own_stack.redis.zcard(queue.EMBEDDING_LRU) >= 1
+
+
+def test_the_embedding_cache_can_be_turned_off(own_stack):
+    api_url = own_stack.start_api()
+    worker = own_stack.start_worker({"T2I_EMBEDDING_CACHE": "false"})
+    with httpx.Client(base_url=api_url, timeout=30) as api:
+        for _ in range(2):
+            assert api.post("/v1/generate?wait=true&encoder=t5-base", json={"prompt": "p"}).json()["status"] == \
+                "succeeded"
+    assert "t2i_embedding_cache_requests_total{" not in httpx.get(worker.info["metrics_url"]).text
+    assert own_stack.redis.zcard(queue.EMBEDDING_LRU) == 0
