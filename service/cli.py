@@ -147,6 +147,15 @@ def cmd_models_list(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_keys_new(args: argparse.Namespace) -> None:
+    """A fresh API key (give it to the client; it is not stored) and the line for T2I_API_KEYS (only its hash)."""
+    from service.api.auth import new_key
+
+    key, digest = new_key()
+    print(f"key (give this to the client, it is shown once): {key}")
+    print(f"add to T2I_API_KEYS (comma-separated) or to T2I_API_KEYS_FILE: {args.name}:{digest}")
+
+
 def cmd_healthcheck(args: argparse.Namespace) -> None:
     """Exit 0 when this container's process answers /healthz (the API on T2I_PORT, or a worker on
     T2I_WORKER_METRICS_PORT): the Docker HEALTHCHECK. No torch, no Redis."""
@@ -192,9 +201,11 @@ def cmd_models_make_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from service.api.auth import check_exposure, load_keys
     from service.serve import serve
 
     settings = _service_settings(args)
+    print(f"t2i serve: {check_exposure(settings, load_keys(settings), settings.host)}", flush=True)
     sys.exit(serve(settings, models_file(args, build_in_child=True)))
 
 
@@ -209,6 +220,10 @@ def cmd_api(args: argparse.Namespace) -> None:
     if not settings.redis_url:
         raise ConfigError("`T2I_REDIS_URL` is not set: the API needs the queue's Redis (or use `t2i serve`)",
                           field="redis_url")
+    from service.api.auth import check_exposure, load_keys
+
+    print(f"t2i api on {settings.host}:{settings.port}: {check_exposure(settings, load_keys(settings), settings.host)}",
+          flush=True)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
                 timeout_graceful_shutdown=10)
 
@@ -527,6 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_models_make_demo)
     sizes = models.add_parser("sizes", parents=[common], help="real-size architectures counted on the meta device")
     sizes.set_defaults(func=cmd_models_sizes)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    new = keys.add_parser("new", help="make an API key and print the hash line for T2I_API_KEYS")
+    new.add_argument("--name", default="client", help="a name for logs (default: client)")
+    new.set_defaults(func=cmd_keys_new)
 
     health = sub.add_parser("healthcheck", help="exit 0 when the API or worker on this host answers /healthz")
     health.add_argument("--url", action="append", help="URL to check (repeat; default: the API's and the worker's "

@@ -87,9 +87,16 @@ class OverloadedError(T2IError):
     error_type = "overloaded"
     http_status = 429
 
-    def __init__(self, message: str, *, retry_after: int = 1):
-        super().__init__(message)
+    def __init__(self, message: str, *, retry_after: int = 1, field: str | None = None):
+        super().__init__(message, field=field)
         self.retry_after = retry_after
+
+
+class UnauthorizedError(T2IError):
+    """No API key, or an unknown one."""
+
+    error_type = "unauthorized"
+    http_status = 401
 
 
 class UnavailableError(T2IError):

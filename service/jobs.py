@@ -124,6 +124,7 @@ class JobView(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
     peak_memory_bytes: int | None = Field(None, description="Peak device memory of the job (CUDA; RSS on a CPU).")
     device: str | None = Field(None, description="Device the denoiser ran on.")
+    batch_size: int | None = Field(None, description="Jobs denoised together with this one (dynamic batching).")
     images: list[str] = Field(default_factory=list, description="URLs of the images.")
     warnings: list[str] = Field(default_factory=list)
     error: JobError | None = None
@@ -164,6 +165,7 @@ def job_view(fields: dict[str, str], *, position: int | None, base_url: str) -> 
         timings=json.loads(fields.get("timings", "{}")),
         peak_memory_bytes=int(fields["peak_memory_bytes"]) if fields.get("peak_memory_bytes") else None,
         device=fields.get("device"),
+        batch_size=int(fields["batch_size"]) if fields.get("batch_size") else None,
         images=[f"{base_url}/v1/jobs/{job_id}/images/{n}" for n in range(n_images)],
         warnings=json.loads(fields.get("warnings", "[]")),
         error=error,

@@ -11,6 +11,7 @@ job is never half-enqueued, and a job finished twice (a redelivered duplicate) k
 
     t2i:job:{id}                hash: status, request (JSON), timings, ... ; expires `result_ttl_s` after the end
     t2i:job:{id}:image:{n}      bytes of image n
+    t2i:job:{id}:done           a list that gets the final status when the job ends (what `?wait=true` blocks on)
     t2i:job:{id}:embedding      the prompt's T5 token embeddings, float16 (jobs of compare runs only)
     t2i:queued                  zset: queued job ids by enqueue order
     t2i:stream:{pipeline}:{enc} stream of job ids; consumer group `workers`
@@ -23,6 +24,8 @@ job is never half-enqueued, and a job finished twice (a redelivered duplicate) k
     t2i:compare:{id}:votes      hash: voter|cell|encoder|encoder -> left | right | tie (first vote counts)
     t2i:compare:{id}:pair:{t}   JSON of a blind pair served to a voter (which encoder is on which side)
     t2i:emb:...                 the shared prompt-embedding cache (service.worker.embedding_store)
+    t2i:rate:{owner}:{minute}   jobs a key queued this minute; t2i:active:{owner} its jobs not yet ended;
+    t2i:quota:{owner}:{day}     pixel-steps it used today (service.api.auth)
     t2i:workers                 zset: worker id -> last heartbeat (unix time)
     t2i:worker:{id}             JSON facts of a live worker (expires with its heartbeat)
 """
@@ -38,6 +41,10 @@ WORKERS = f"{PREFIX}:workers"
 
 def job_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
+
+
+def done_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:done"
 
 
 def image_key(job_id: str, n: int) -> str:
@@ -59,6 +66,22 @@ def embedding_cache_key(key: str) -> str:
 EMBEDDING_LRU = f"{PREFIX}:emb:lru"
 EMBEDDING_SIZES = f"{PREFIX}:emb:sizes"
 EMBEDDING_BYTES = f"{PREFIX}:emb:bytes"
+
+
+def upload_owner_key(upload_id: str) -> str:
+    return f"{PREFIX}:upload:{upload_id}:owner"
+
+
+def rate_key(owner: str, minute: int) -> str:
+    return f"{PREFIX}:rate:{owner}:{minute}"
+
+
+def active_key(owner: str) -> str:
+    return f"{PREFIX}:active:{owner}"
+
+
+def quota_key(owner: str, day: int) -> str:
+    return f"{PREFIX}:quota:{owner}:{day}"
 
 
 def compare_key(run_id: str) -> str:
@@ -98,7 +121,7 @@ def worker_key(worker_id: str) -> str:
 
 # KEYS: queued, seq, job, stream, idem ('' for none)
 # ARGV: job id, max queue, idempotency ttl, now, request JSON, group, result ttl of this job ('' = the workers'),
-#       keep the prompt embedding ('1' | '0')
+#       keep the prompt embedding ('1' | '0'), owner (the API key's owner id)
 # -> {'ok', id} | {'dup', existing id} | {'full', depth}
 ENQUEUE = """
 if KEYS[5] ~= '' then
@@ -109,7 +132,7 @@ local depth = redis.call('ZCARD', KEYS[1])
 if depth >= tonumber(ARGV[2]) then return {'full', tostring(depth)} end
 local seq = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[3], 'id', ARGV[1], 'status', 'queued', 'request', ARGV[5], 'created_at', ARGV[4],
-           'attempts', '0', 'stream', KEYS[4], 'keep_embedding', ARGV[8])
+           'attempts', '0', 'stream', KEYS[4], 'keep_embedding', ARGV[8], 'owner', ARGV[9])
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[3], 'ttl', ARGV[7]) end
 redis.call('ZADD', KEYS[1], seq, ARGV[1])
 pcall(redis.call, 'XGROUP', 'CREATE', KEYS[4], ARGV[6], '0', 'MKSTREAM')
@@ -129,6 +152,8 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[3])
   redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('RPUSH', KEYS[1] .. ':done', 'cancelled')
+  redis.call('EXPIRE', KEYS[1] .. ':done', 300)
   return 'cancelled'
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started_at', ARGV[3])
@@ -155,6 +180,8 @@ end
 table.insert(args, 'images'); table.insert(args, tostring(n))
 redis.call('HSET', KEYS[1], unpack(args))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('RPUSH', KEYS[1] .. ':done', ARGV[2])
+redis.call('EXPIRE', KEYS[1] .. ':done', 300)
 return 1
 """
 
@@ -168,6 +195,8 @@ if status == 'queued' then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2], 'cancel', '1')
   redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('RPUSH', KEYS[1] .. ':done', 'cancelled')
+  redis.call('EXPIRE', KEYS[1] .. ':done', 300)
   return 'cancelled'
 end
 if status == 'running' then

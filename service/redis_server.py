@@ -35,8 +35,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EmbeddedRedis:
     """`with EmbeddedRedis() as server: server.url`. `appendonly=True` persists to `data_dir` (AOF)."""
 
-    def __init__(self, port: int | None = None, *, data_dir: str | Path | None = None, appendonly: bool = False):
+    def __init__(self, port: int | None = None, *, data_dir: str | Path | None = None, appendonly: bool = False,
+                 password: str | None = None):
         self.port = port or free_port()
+        self.password = password
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="t2i-redis-")
         self.data_dir = Path(data_dir or self._tmp.name)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -45,14 +47,17 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> "EmbeddedRedis":
         args = [_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--protected-mode", "yes",
                 "--logfile", str(self.data_dir / "server.log")]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout_s
         while True:
             try:

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     batch_wait_ms: int = Field(
         10, ge=0, le=10_000, description="How long a worker waits for more jobs to fill a batch, in milliseconds."
     )
+    progress_interval_s: float = Field(
+        0.2, ge=0.0, description="Least seconds between a job's progress events (the last step is always sent)."
+    )
     max_queue: int = Field(256, ge=1, description="Queued jobs above which the API answers 429.")
     result_ttl_s: int = Field(3600, ge=10, description="Seconds a finished job and its images are kept.")
     visibility_timeout_s: float = Field(
@@ -81,8 +84,34 @@ class Settings(BaseSettings):
         7 * 24 * 3600, ge=60, description="Seconds a compare run, its images and its votes are kept."
     )
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt, in characters, the API accepts.")
+    max_pixel_steps: int = Field(
+        1024 * 1024 * 4 * 50, ge=1, description="Largest width x height x images x steps one request may ask for."
+    )
 
-    @field_validator("worker_encoders", "worker_pipelines", mode="before")
+    # -- security ----------------------------------------------------------------------------------------------
+    api_keys: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="SHA-256 hashes of the API keys (comma-separated, each optionally `name:hash`); "
+                          "`t2i keys new` makes one. Unset: no keys, open on loopback only."
+    )
+    api_keys_file: Path | None = Field(None, description="A file of key hashes, one per line (`name:hash`).")
+    allow_open: bool = Field(False, description="Serve without API keys on a non-loopback address anyway.")
+    metrics_public: bool = Field(False, description="With API keys, serve the API's /metrics without a key.")
+    cors_origins: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="Origins allowed by CORS (comma-separated). Unset: no cross-origin access."
+    )
+    rate_jobs_per_minute: int = Field(0, ge=0, description="Jobs one key may queue per minute (0: no limit).")
+    max_concurrent_jobs: int = Field(0, ge=0, description="Jobs one key may have queued or running (0: no limit).")
+    daily_pixel_steps: int = Field(
+        0, ge=0, description="Width x height x images x steps one key may use per UTC day (0: no limit)."
+    )
+    log_prompts: bool = Field(False, description="Log each job's prompt (off: prompts may be private).")
+
+    # -- fault injection (tests of the error paths; never set in production) -----------------------------------
+    fault_oom_at_job: int = Field(
+        0, ge=0, description="Test only: the worker raises torch.OutOfMemoryError at this job number (0: never)."
+    )
+
+    @field_validator("worker_encoders", "worker_pipelines", "api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):

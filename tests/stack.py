@@ -78,8 +78,8 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def start_api(self, extra_env: dict | None = None) -> str:
-        port = free_port()
+    def start_api(self, extra_env: dict | None = None, port: int | None = None) -> str:
+        port = port or free_port()
         proc = self._spawn(["api", "--host", "127.0.0.1", "--port", str(port)], extra_env, "api")
         url = f"http://127.0.0.1:{port}"
 

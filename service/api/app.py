@@ -12,16 +12,18 @@ import contextlib
 import logging
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
+from service.api.auth import authenticate, load_keys
 from service.api.queue_client import QueueClient
 from service.api.routes import ab, compare, generate, health, jobs, models, openai_images, uploads
-from service.errors import OverloadedError, PayloadTooLargeError, T2IError
+from service.errors import OverloadedError, PayloadTooLargeError, T2IError, UnauthorizedError
 from service.models.registry import Registry, load_registry
 from service.settings import Settings, get_settings
 
@@ -50,15 +52,24 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     )
     app.state.settings = settings
     app.state.registry = registry
-    for router in (generate.router, jobs.router, uploads.router, compare.router, openai_images.router, models.router,
-                   health.router, ab.router):
+    app.state.api_keys = load_keys(settings)
+    keyed = [Depends(authenticate)]  # every API route needs a key once keys are configured
+    for router in (generate.router, jobs.router, uploads.router, compare.router, openai_images.router,
+                   models.router):
+        app.include_router(router, dependencies=keyed)
+    for router in (health.router, ab.router):  # probes, and the dashboard page (its API calls carry the key)
         app.include_router(router)
 
     @app.get("/metrics", include_in_schema=False)
-    def prometheus_metrics() -> Response:
+    def prometheus_metrics(request: Request) -> Response:
+        if not settings.metrics_public:
+            authenticate(request)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     _install_error_handlers(app)
+    if settings.cors_origins:  # closed unless origins are named
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "Idempotency-Key"])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
 
@@ -68,6 +79,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(T2IError)
     async def t2i_error(request: Request, exc: T2IError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) else None
+        if isinstance(exc, UnauthorizedError):
+            headers = {"WWW-Authenticate": "Bearer"}
         return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

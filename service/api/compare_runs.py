@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from service import metrics, queue
-from service.api.queue_client import QueueClient
+from service.api.queue_client import ANONYMOUS, QueueClient
 from service.compare import (
     Cell,
     CompareParams,
@@ -47,10 +47,12 @@ CSV_COLUMNS = ("run_id", "prompt_index", "prompt", "seed", "encoder", "reference
 
 
 class CompareRuns:
-    def __init__(self, queue_client: QueueClient, *, ttl_s: int):
+    def __init__(self, queue_client: QueueClient, *, ttl_s: int, owner: str = ANONYMOUS):
+        """Runs of one owner (an API key): another key's runs are not found."""
         self.queue = queue_client
         self.client = queue_client.client
         self.ttl_s = ttl_s
+        self.owner = owner
 
     # -- creating ----------------------------------------------------------------------------------------------
     async def create(self, params: CompareParams, prompts: list[str], encoders: list[str], reference: str,
@@ -67,7 +69,7 @@ class CompareRuns:
                     for encoder in encoders:
                         job_id, _ = await self.queue.enqueue(
                             {**request, "prompt": prompt, "encoder": encoder, "seed": seed},
-                            result_ttl_s=self.ttl_s, keep_embedding=True)
+                            result_ttl_s=self.ttl_s, keep_embedding=True, owner=self.owner)
                         cell[encoder] = job_id
                         enqueued.append(job_id)
         except Exception:
@@ -76,7 +78,8 @@ class CompareRuns:
             raise
         run = {"id": run_id, "title": params.title, "created_at": time.time(), "pipeline": params.pipeline,
                "prompt_set": params.prompt_set, "prompts": prompts, "seeds": params.seeds, "encoders": encoders,
-               "reference": reference, "jobs": jobs, "params": params.model_dump(exclude={"control"})}
+               "reference": reference, "jobs": jobs, "params": params.model_dump(exclude={"control"}),
+               "owner": self.owner}
         pipe = self.client.pipeline(transaction=True)
         pipe.set(queue.compare_key(run_id), json.dumps(run), ex=self.ttl_s)
         pipe.zadd(queue.COMPARES, {run_id: run["created_at"]})
@@ -87,18 +90,21 @@ class CompareRuns:
     # -- reading -----------------------------------------------------------------------------------------------
     async def run(self, run_id: str) -> dict:
         raw = await self.client.get(queue.compare_key(run_id))
-        if raw is None:
+        run = json.loads(raw) if raw is not None else None
+        if run is None or run.get("owner", ANONYMOUS) != self.owner:
             raise NotFoundError(f"compare run {run_id!r} not found (unknown or expired)", field="run_id")
-        return json.loads(raw)
+        return run
 
     async def list(self, limit: int = 50) -> list[CompareSummary]:
         ids = [i.decode() for i in await self.client.zrevrange(queue.COMPARES, 0, limit - 1)]
         out = []
         for run_id in ids:
-            try:
-                run = await self.run(run_id)
-            except NotFoundError:
+            raw = await self.client.get(queue.compare_key(run_id))
+            if raw is None:  # expired
                 await self.client.zrem(queue.COMPARES, run_id)
+                continue
+            run = json.loads(raw)
+            if run.get("owner", ANONYMOUS) != self.owner:
                 continue
             statuses = await self._statuses(run)
             out.append(self._summary_fields(run, statuses))

@@ -5,7 +5,6 @@ Key names and the atomic scripts are in `service.queue`; this module only calls 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 import time
@@ -17,6 +16,8 @@ from service import queue
 from service.errors import ConflictError, NotFoundError, OverloadedError
 from service.jobs import JobStatus, decode_hash, event
 
+ANONYMOUS = "anonymous"  # the owner of everything when no API keys are configured (service.api.auth)
+
 
 class QueueClient:
     def __init__(self, client: aioredis.Redis, *, max_queue: int, result_ttl_s: int, upload_ttl_s: int = 3600):
@@ -24,29 +25,32 @@ class QueueClient:
         self.max_queue = max_queue
         self.result_ttl_s = result_ttl_s
         self.upload_ttl_s = upload_ttl_s
+        self._workers: list[dict] = []
+        self._workers_at = float("-inf")
         self._enqueue = client.register_script(queue.ENQUEUE)
         self._cancel = client.register_script(queue.CANCEL)
 
     async def enqueue(self, request: dict, idempotency_key: str | None = None, *, result_ttl_s: int | None = None,
-                      keep_embedding: bool = False) -> tuple[str, bool]:
+                      keep_embedding: bool = False, owner: str = ANONYMOUS) -> tuple[str, bool]:
         """Returns (job id, created); created is False when the Idempotency-Key named an existing job.
         `result_ttl_s` keeps this job's result longer than the default; `keep_embedding` stores its prompt's T5
         embedding with it (compare runs use both)."""
         job_id = secrets.token_urlsafe(16)  # unguessable
         kind, value = await self._enqueue(
             keys=[queue.QUEUED, queue.SEQ, queue.job_key(job_id), queue.stream_key(request["pipeline"],
-                  request["encoder"]), queue.idem_key(idempotency_key) if idempotency_key else ""],
+                  request["encoder"]), queue.idem_key(f"{owner}:{idempotency_key}") if idempotency_key else ""],
             args=[job_id, self.max_queue, self.result_ttl_s, time.time(), json.dumps(request), queue.GROUP,
-                  result_ttl_s or "", "1" if keep_embedding else "0"],
+                  result_ttl_s or "", "1" if keep_embedding else "0", owner],
         )
         kind, value = _s(kind), _s(value)
         if kind == "full":
             raise OverloadedError(f"queue is full: {value} jobs queued, T2I_MAX_QUEUE={self.max_queue}", retry_after=2)
         return value, kind == "ok"
 
-    async def fields(self, job_id: str) -> dict[str, str]:
+    async def fields(self, job_id: str, owner: str | None = None) -> dict[str, str]:
+        """The job's stored fields; 404 when it is unknown, expired, or (with `owner`) another key's."""
         fields = decode_hash(await self.client.hgetall(queue.job_key(job_id)))
-        if not fields:
+        if not fields or (owner is not None and fields.get("owner", ANONYMOUS) != owner):
             raise NotFoundError(f"job {job_id!r} not found (unknown or expired)", field="job_id")
         return fields
 
@@ -59,18 +63,30 @@ class QueueClient:
     async def image(self, job_id: str, n: int) -> bytes | None:
         return await self.client.get(queue.image_key(job_id, n))
 
-    async def put_upload(self, data: bytes) -> str:
+    async def put_upload(self, data: bytes, owner: str = ANONYMOUS) -> str:
         """Store a (checked) control image; returns its unguessable id."""
         upload_id = secrets.token_urlsafe(16)
-        await self.client.set(queue.upload_key(upload_id), data, ex=self.upload_ttl_s)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(queue.upload_key(upload_id), data, ex=self.upload_ttl_s)
+        pipe.set(queue.upload_owner_key(upload_id), owner, ex=self.upload_ttl_s)
+        await pipe.execute()
         return upload_id
 
-    async def upload(self, upload_id: str) -> bytes | None:
-        return await self.client.get(queue.upload_key(upload_id))
+    async def upload(self, upload_id: str, owner: str = ANONYMOUS) -> bytes | None:
+        """The upload's bytes; None when unknown, expired or another key's."""
+        stored_owner, data = await self.client.mget(queue.upload_owner_key(upload_id), queue.upload_key(upload_id))
+        return data if stored_owner is not None and _s(stored_owner) == owner else None
 
-    async def keep_upload(self, upload_id: str) -> bool:
-        """Restart an upload's time to live (a job now needs it); False when it is unknown or expired."""
-        return bool(await self.client.expire(queue.upload_key(upload_id), self.upload_ttl_s))
+    async def keep_upload(self, upload_id: str, owner: str = ANONYMOUS) -> bool:
+        """Restart an upload's time to live (a job now needs it); False when it is unknown, expired or another
+        key's."""
+        stored_owner = await self.client.get(queue.upload_owner_key(upload_id))
+        if stored_owner is None or _s(stored_owner) != owner:
+            return False
+        pipe = self.client.pipeline(transaction=True)
+        pipe.expire(queue.upload_key(upload_id), self.upload_ttl_s)
+        pipe.expire(queue.upload_owner_key(upload_id), self.upload_ttl_s)
+        return all(await pipe.execute())
 
     async def cancel(self, job_id: str) -> str:
         result = _s(await self._cancel(keys=[queue.job_key(job_id), queue.QUEUED],
@@ -83,7 +99,16 @@ class QueueClient:
             raise ConflictError(f"job {job_id!r} has already {result}; nothing to cancel", field="job_id")
         return result
 
-    async def live_workers(self) -> list[dict]:
+    async def live_workers(self, max_age_s: float = 0.0) -> list[dict]:
+        """The facts of every worker with a fresh heartbeat; with `max_age_s`, a list read that recently is reused
+        (the submission path asks on every request and refreshes when the list lacks what it needs)."""
+        if max_age_s and time.monotonic() - self._workers_at < max_age_s:
+            return self._workers
+        self._workers = await self._read_workers()
+        self._workers_at = time.monotonic()
+        return self._workers
+
+    async def _read_workers(self) -> list[dict]:
         ids = [_s(i) for i in await self.client.zrange(queue.WORKERS, 0, -1)]
         if not ids:
             return []
@@ -120,15 +145,12 @@ class QueueClient:
                     return
 
     async def wait(self, job_id: str, timeout_s: float) -> None:
-        """Return when the job has ended or `timeout_s` has passed."""
-        async def until_done():
-            async for _ in self.events(job_id, keepalive_s=min(timeout_s, 5.0)):
-                pass
-
-        try:
-            await asyncio.wait_for(until_done(), timeout_s)
-        except asyncio.TimeoutError:
-            pass
+        """Return when the job has ended or `timeout_s` has passed: one blocking BLMOVE on the job's done list (which
+        the finishing script fills), rotating it in place so that every waiter on the same job wakes."""
+        if JobStatus((await self.fields(job_id))["status"]).terminal:
+            return
+        key = queue.done_key(job_id)
+        await self.client.blmove(key, key, timeout=max(timeout_s, 0.01), src="LEFT", dest="RIGHT")
 
 
 def _s(value) -> str:

@@ -120,11 +120,17 @@ class Consumer:
             self.publish(claim.job_id, event("status", status="cancelled"))
         return status, fields
 
-    def progress(self, job_id: str, step: int, steps: int) -> None:
+    def step(self, job_ids: list[str], step: int, steps: int, *, report: bool) -> list[bool]:
+        """One round trip per denoising step for a whole batch: report progress (when `report`) and read each
+        job's cancel flag."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(queue.job_key(job_id), mapping={"step": step, "steps": steps})
-        pipe.publish(queue.events_channel(job_id), event("progress", step=step, steps=steps))
-        pipe.execute()
+        if report:
+            for job_id in job_ids:
+                pipe.hset(queue.job_key(job_id), mapping={"step": step, "steps": steps})
+                pipe.publish(queue.events_channel(job_id), event("progress", step=step, steps=steps))
+        for job_id in job_ids:
+            pipe.hget(queue.job_key(job_id), "cancel")
+        return [flag == b"1" for flag in pipe.execute()[-len(job_ids):]]
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.client.hget(queue.job_key(job_id), "cancel") == b"1"

@@ -50,6 +50,8 @@ class Worker:
     def __init__(self, settings: Settings, registry: Registry):
         self.settings = settings
         self.registry = registry
+        if settings.log_prompts:  # the operator asked for prompts in the logs (they may be private)
+            log.setLevel(logging.INFO)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
         self.pipelines = settings.worker_pipelines or list(registry.pipelines)
         self.encoder_names = settings.worker_encoders or list(registry.encoders)
@@ -172,14 +174,25 @@ class Worker:
             device = denoiser.device
             reset_peak(device)
             ids = [job.claim.job_id for job in jobs]
+            oom_at = self.settings.fault_oom_at_job  # fault injection: a CPU cannot run out of device memory at will
+            if oom_at and self.jobs_done < oom_at <= self.jobs_done + len(jobs):
+                raise torch.OutOfMemoryError(f"CUDA out of memory (simulated by T2I_FAULT_OOM_AT_JOB={oom_at})")
+            if self.settings.log_prompts:
+                for job in jobs:
+                    log.info("job %s prompt: %s", job.claim.job_id, job.request.prompt)
+            cancelled, last_report = [False], [0.0]
 
             def on_step(step: int, steps: int) -> None:
-                for job_id in ids:
-                    self.consumer.progress(job_id, step, steps)
+                # progress at most every T2I_PROGRESS_INTERVAL_S (and always the last step); cancel flags every step
+                now = time.monotonic()
+                report = step == steps or now - last_report[0] >= self.settings.progress_interval_s
+                if report:
+                    last_report[0] = now
+                flags = self._with_retry(lambda: self.consumer.step(ids, step, steps, report=report))
+                cancelled[0] = bool(flags) and all(flags)
 
-            results = self.generator.generate_batch(
-                [job.request for job in jobs], on_step=on_step,
-                should_stop=lambda: all(self.consumer.cancel_requested(i) for i in ids))
+            results = self.generator.generate_batch([job.request for job in jobs], on_step=on_step,
+                                                    should_stop=lambda: cancelled[0])
             metrics.BATCH_SIZE.labels(pipeline).observe(len(jobs))
             outcome, failure = JobStatus.succeeded, None
         except CancelledError as exc:

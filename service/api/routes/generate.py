@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 
 from service import metrics
+from service.api.auth import CallerDep
 from service.api.deps import JsonBody, QueueDep, RegistryDep, SettingsDep
 from service.api.routes.jobs import view
 from service.api.submission import submit
@@ -27,6 +28,7 @@ async def generate(
     settings: SettingsDep,
     registry: RegistryDep,
     queue: QueueDep,
+    caller: CallerDep,
     encoder: Annotated[str | None, Query(description="Registry name of the T5 encoder (e.g. t5-base).")] = None,
     wait: Annotated[bool, Query(description="Answer with the finished job (bounded by T2I_WAIT_TIMEOUT_S).")] = False,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
@@ -41,7 +43,7 @@ async def generate(
         params = params.model_copy(update={"encoder": encoder})
     try:
         job_id, _created = await submit(params, registry=registry, queue=queue, settings=settings,
-                                        idempotency_key=idempotency_key)
+                                        idempotency_key=idempotency_key, caller=caller)
     except Exception as exc:
         metrics.REQUESTS.labels("generate", getattr(exc, "error_type", "internal")).inc()
         raise
@@ -49,7 +51,7 @@ async def generate(
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     if wait:
         await queue.wait(job_id, settings.wait_timeout_s)
-    job = await view(queue, job_id, request)
+    job = await view(queue, job_id, request, caller.owner)
     if job.status.terminal:
         response.status_code = 200
     return job

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import StreamingResponse
 
+from service.api.auth import CallerDep
 from service.api.deps import QueueDep
 from service.api.queue_client import QueueClient
 from service.errors import NotFoundError
@@ -17,22 +18,23 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
-async def view(queue: QueueClient, job_id: str, request: Request) -> JobView:
-    fields = await queue.fields(job_id)
-    position = await queue.position(job_id)
+async def view(queue: QueueClient, job_id: str, request: Request, owner: str) -> JobView:
+    fields = await queue.fields(job_id, owner)
+    position = await queue.position(job_id) if fields["status"] == "queued" else None
     return job_view(fields, position=position, base_url=str(request.base_url).rstrip("/"))
 
 
 @router.get("/{job_id}", response_model=JobView)
-async def get_job(job_id: JobId, request: Request, queue: QueueDep) -> JobView:
+async def get_job(job_id: JobId, request: Request, queue: QueueDep, caller: CallerDep) -> JobView:
     """Status, queue position, seed, encoder, worker and per-stage timings (seconds)."""
-    return await view(queue, job_id, request)
+    return await view(queue, job_id, request, caller.owner)
 
 
 @router.get("/{job_id}/images/{n}", response_class=Response,
             responses={200: {"content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}}}})
-async def get_image(job_id: JobId, n: Annotated[int, Path(ge=0, le=63)], queue: QueueDep) -> Response:
-    fields = await queue.fields(job_id)
+async def get_image(job_id: JobId, n: Annotated[int, Path(ge=0, le=63)], queue: QueueDep,
+                    caller: CallerDep) -> Response:
+    fields = await queue.fields(job_id, caller.owner)
     data = await queue.image(job_id, n)
     if data is None:
         raise NotFoundError(
@@ -44,9 +46,9 @@ async def get_image(job_id: JobId, n: Annotated[int, Path(ge=0, le=63)], queue: 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
-async def job_events(job_id: JobId, queue: QueueDep) -> StreamingResponse:
+async def job_events(job_id: JobId, queue: QueueDep, caller: CallerDep) -> StreamingResponse:
     """Server-sent events: `progress` (step, steps) and `status` until the job ends."""
-    await queue.fields(job_id)  # 404 before the stream starts
+    await queue.fields(job_id, caller.owner)  # 404 before the stream starts
 
     async def stream():
         async for data in queue.events(job_id):
@@ -56,7 +58,8 @@ async def job_events(job_id: JobId, queue: QueueDep) -> StreamingResponse:
 
 
 @router.delete("/{job_id}", status_code=202, response_model=JobView)
-async def cancel_job(job_id: JobId, request: Request, queue: QueueDep) -> JobView:
+async def cancel_job(job_id: JobId, request: Request, queue: QueueDep, caller: CallerDep) -> JobView:
     """Cancel: a queued job never runs; a running one stops at its next denoising step. 409 once finished."""
+    await queue.fields(job_id, caller.owner)
     await queue.cancel(job_id)
-    return await view(queue, job_id, request)
+    return await view(queue, job_id, request, caller.owner)

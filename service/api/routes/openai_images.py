@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import metrics
+from service.api.auth import CallerDep
 from service.api.deps import JsonBody, QueueDep, RegistryDep, SettingsDep
 from service.api.submission import submit
 from service.errors import GenerationError, T2IError, UnavailableError, ValidationError
@@ -70,7 +71,7 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
 
 @router.post("/v1/images/generations", response_model=ImagesResponse, dependencies=[JsonBody])
 async def images_generations(body: ImagesRequest, request: Request, settings: SettingsDep, registry: RegistryDep,
-                             queue: QueueDep) -> ImagesResponse:
+                             queue: QueueDep, caller: CallerDep) -> ImagesResponse:
     """Generate and wait (bounded by T2I_WAIT_TIMEOUT_S); images as base64 or as URLs of the job's images."""
     width, height = parse_size(body.size)
     try:
@@ -82,7 +83,8 @@ async def images_generations(body: ImagesRequest, request: Request, settings: Se
     except Exception as exc:  # pydantic bounds on width/height from `size`
         raise ValidationError(f"`size`={body.size!r} is out of range [16, 2048] per side", field="size") from exc
     try:
-        job_id, _ = await submit(params, registry=registry, queue=queue, settings=settings, idempotency_key=None)
+        job_id, _ = await submit(params, registry=registry, queue=queue, settings=settings, idempotency_key=None,
+                                 caller=caller)
     except T2IError as exc:
         metrics.REQUESTS.labels("images_generations", exc.error_type).inc()
         raise

@@ -8,6 +8,7 @@ import time
 from fastapi import APIRouter, Request, Response
 from PIL import Image
 
+from service.api.auth import CallerDep
 from service.api.deps import QueueDep, SettingsDep
 from service.errors import NotFoundError, UnsupportedMediaTypeError
 from service.jobs import UploadView
@@ -21,7 +22,8 @@ IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 @router.post("/uploads", status_code=201, response_model=UploadView,
              openapi_extra={"requestBody": {"required": True, "content": {
                  t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES}}})
-async def upload(request: Request, response: Response, settings: SettingsDep, queue: QueueDep) -> UploadView:
+async def upload(request: Request, response: Response, settings: SettingsDep, queue: QueueDep,
+                 caller: CallerDep) -> UploadView:
     """Upload a control image as the raw request body (Content-Type image/png, image/jpeg or image/webp). 413 over
     T2I_MAX_IMAGE_BYTES, 415 for another content type, 422 when it does not decode."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -30,7 +32,7 @@ async def upload(request: Request, response: Response, settings: SettingsDep, qu
                                         f"{content_type or 'none'!r}", field="content-type")
     data = await request.body()
     image = decode_image(data, field="body", max_bytes=settings.max_image_bytes)
-    upload_id = await queue.put_upload(data)
+    upload_id = await queue.put_upload(data, caller.owner)
     response.headers["Location"] = f"/v1/uploads/{upload_id}"
     return UploadView(id=upload_id, width=image.width, height=image.height, bytes=len(data),
                       expires_at=time.time() + settings.upload_ttl_s,
@@ -39,9 +41,9 @@ async def upload(request: Request, response: Response, settings: SettingsDep, qu
 
 @router.get("/uploads/{upload_id}", response_class=Response,
             responses={200: {"content": {t: {} for t in IMAGE_TYPES}}})
-async def get_upload(upload_id: str, queue: QueueDep) -> Response:
-    """An uploaded image, as uploaded."""
-    data = await queue.upload(upload_id)
+async def get_upload(upload_id: str, queue: QueueDep, caller: CallerDep) -> Response:
+    """An uploaded image, as uploaded (to the key that uploaded it)."""
+    data = await queue.upload(upload_id, caller.owner)
     if data is None:
         raise NotFoundError(f"upload {upload_id!r} not found (unknown or expired)", field="upload_id")
     kind = Image.open(io.BytesIO(data)).format  # checked to decode when it was uploaded

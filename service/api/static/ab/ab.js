@@ -9,12 +9,29 @@ const voter = localStorage.getItem("t2i-voter") || (() => {
   return id;
 })();
 
+// With API keys configured, every call (images included) carries `Authorization: Bearer KEY`; the key is asked for
+// once and kept for this browser tab only.
+const auth = () => {
+  const key = sessionStorage.getItem("t2i-key");
+  return key ? { Authorization: `Bearer ${key}` } : {};
+};
+
 async function api(path, options = {}) {
-  const response = await fetch(path, options);
+  const response = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...auth() } });
+  if (response.status === 401) {
+    const key = prompt("This service needs an API key:");
+    if (key) { sessionStorage.setItem("t2i-key", key.trim()); return api(path, options); }
+  }
   if (response.status === 204) return null;
   const body = await response.json().catch(() => ({}));
   if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
   return body;
+}
+
+// An <img> whose bytes need the key: fetched with it, shown from a blob URL. Without a key: the URL itself.
+function setImage(img, url) {
+  if (!sessionStorage.getItem("t2i-key")) { img.src = url; return; }
+  fetch(url, { headers: auth() }).then((r) => r.blob()).then((blob) => { img.src = URL.createObjectURL(blob); });
 }
 
 const fmt = (x, digits = 3) => (x === null || x === undefined ? "–" : Number(x).toFixed(digits));
@@ -128,6 +145,7 @@ function renderRun(run) {
   $("#run-progress").value = run.jobs_done;
   $("#export-csv").href = `/v1/compare/${run.id}.csv`;
   $("#export-json").href = `/v1/compare/${run.id}.json`;
+  for (const link of ["#export-csv", "#export-json"]) $(link).onclick = download;
   $("#reference-note").textContent = `(PSNR, SSIM and embedding cosine against ${run.reference})`;
 
   const summary = $("#summary tbody");
@@ -155,8 +173,10 @@ function renderRun(run) {
       const r = cell.results[e];
       const td = el("td", {});
       if (r.image) {
-        td.append(el("img", { class: "cell-image", src: r.image, alt: `${e}: ${cell.prompt}`,
-          onclick: () => enlarge(r.image, `${e} · ${cell.prompt} · seed ${cell.seed}`) }));
+        const img = el("img", { class: "cell-image", alt: `${e}: ${cell.prompt}`,
+          onclick: () => enlarge(img.src, `${e} · ${cell.prompt} · seed ${cell.seed}`) });
+        setImage(img, r.image);
+        td.append(img);
       } else {
         td.append(el("div", { class: r.error ? "error" : "muted" }, r.error || r.status));
       }
@@ -185,6 +205,17 @@ function renderRun(run) {
   }
 }
 
+// Exports go through fetch too, so that they carry the key.
+function download(event) {
+  if (!sessionStorage.getItem("t2i-key")) return;
+  event.preventDefault();
+  const url = event.currentTarget.href;
+  fetch(url, { headers: auth() }).then((r) => r.blob()).then((blob) => {
+    const a = el("a", { href: URL.createObjectURL(blob), download: url.split("/").pop() });
+    a.click();
+  });
+}
+
 function enlarge(src, caption) {
   $("#lightbox img").src = src;
   $("#lightbox p").textContent = caption;
@@ -201,8 +232,8 @@ async function nextPair() {
   if (!pair) { $("#pair").hidden = true; $("#vote-done").hidden = false; return; }
   state.pair = pair;
   $("#pair-prompt").textContent = `“${pair.prompt}” · seed ${pair.seed}`;
-  $("#pair-left").src = pair.left;
-  $("#pair-right").src = pair.right;
+  setImage($("#pair-left"), pair.left);
+  setImage($("#pair-right"), pair.right);
   $("#pair-remaining").textContent = `${pair.remaining} pair(s) left for you`;
   $("#pair").hidden = false;
 }

@@ -1,0 +1,106 @@
+"""What every benchmark shares: the machine, timing, medians, peak memory, and the result record."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
+                  .split()[1]) * 1024
+    except (OSError, StopIteration):
+        mem = None
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "gpu": gpu, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = (len(values) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def in_subprocess(module: str, args: list[str], timeout_s: float = 3600) -> dict:
+    """Run `python -m module args` and parse the JSON it prints last: a fresh process for a clean peak memory."""
+    result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout_s,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    if result.returncode != 0:
+        raise RuntimeError(f"{module} {args} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def target(name: str, value: float, op: str, bound: float, unit: str = "") -> dict:
+    met = {">=": value >= bound, "<=": value <= bound}[op]
+    return {"name": name, "value": value, "target": f"{op} {bound:g}{unit}", "met": bool(met), "unit": unit}
+
+
+def save(name: str, record: dict, out: Path | None = None) -> Path:
+    """Write one benchmark's record to $BENCH_OUT (tiny runs) or docs/benchmarks/."""
+    out = out or Path(os.environ.get("BENCH_OUT") or OUT)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"benchmark": name, "machine": machine(), **record}
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path

@@ -1,0 +1,181 @@
+"""Render docs/benchmarks.md and the charts from the records in docs/benchmarks/*.json (`python -m bench report`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ORDER = ("encoders", "overhead", "throughput", "cache", "trainer", "startup", "gpu")
+TITLES = {
+    "encoders": "Encoder cost at real sizes (CPU)",
+    "overhead": "Service overhead",
+    "throughput": "Throughput and dynamic batching",
+    "cache": "Prompt-embedding cache",
+    "trainer": "Trainer: teacher-embedding cache vs live teacher",
+    "startup": "Worker startup",
+    "gpu": "GPU: real-size FLUX.1 and SD3.5 Large",
+}
+# What each table means, and why a figure is what it is; read with the numbers.
+NOTES = {
+    "encoders": (
+        "Random bf16 weights in the real T5 v1.1 shapes, one prompt, each size in a fresh process. `peak added` is "
+        "the process's peak RSS minus its RSS before the model was built: weights plus activations. On a CPU, small "
+        "encoders are bound by per-layer overhead rather than by their matrix products, so their time ratio to XXL "
+        "falls below their parameter ratio; the long prompts (512 tokens) are the fairest comparison and are the "
+        "ones the ratios use. The student projection to 4096 adds a fixed two-layer MLP (2 x 4096^2 weights), a "
+        "large share of the smallest students."),
+    "overhead": (
+        "Both routes run the same demo FLUX model with one thread per process, the same prompts and seeds, "
+        "interleaved job by job. The stock loop is `FluxPipeline` with its T5 inside; the service encodes outside "
+        "the pipeline, queues through Redis, runs in a worker process and answers over HTTP (`?wait=true`). "
+        "`HTTP + queue` is the client's latency minus the worker's own time for the job."),
+    "throughput": (
+        "Sixteen clients submit jobs and wait for each; one worker (one thread) serves them. With batching on, the "
+        "worker takes the jobs already queued behind the one it claims (up to `T2I_MAX_BATCH`, same pipeline, "
+        "encoder, size and steps) into one denoising call. On these tiny models a call is dominated by its fixed "
+        "per-step cost, which a batch shares; on a GPU with real models the gain comes from filling the device."),
+    "cache": (
+        "A hit returns the very tensor the encoder produced (safetensors bytes in Redis, the tensor itself in "
+        "memory), so images are compared for exact equality. A hit in Redis costs a round trip and "
+        "deserialisation; a hit in the worker's memory costs a hash and a dictionary lookup."),
+    "trainer": (
+        "`t2i distill cache-teacher` writes the teacher's embeddings (and its trajectories) once; training then "
+        "never loads the teacher. The teacher here is widened to ~100 M parameters so that its weights stand out "
+        "from the process's other memory."),
+    "startup": (
+        "From spawning `t2i worker` to its first heartbeat (it loads every served denoiser first, so it is ready "
+        "when it says so), then the first job (which loads its encoder) against a warm one."),
+    "gpu": ("Not measured here: this machine has no GPU. `python -m bench run gpu` on a GPU host fills this table."),
+}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        if abs(value) >= 1:
+            return f"{value:.2f}"
+        return f"{value:.3g}"
+    if isinstance(value, int) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return "–" if value is None else str(value)
+
+
+def _table(rows: list[dict], columns: list[str] | None = None) -> list[str]:
+    columns = columns or list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+    return lines
+
+
+def _encoders_rows(record: dict) -> list[dict]:
+    out = []
+    for r in record["rows"]:
+        row = {"encoder": r["name"], "params (M)": r["params"] / 1e6, "bf16 GB": r["bytes_bf16"] / 1e9,
+               "fp32 GB": r["bytes_fp32"] / 1e9, "peak added GB": r["peak_added_bytes"] / 1e9}
+        for length, seconds in r["latency_s"].items():
+            row[f"{length} tok (s)"] = seconds
+        if "ratios_vs_xxl" in r:
+            q = r["ratios_vs_xxl"]
+            row["XXL/x params"], row["XXL/x time"], row["XXL/x memory"] = q["params"], q["time"], q["memory"]
+        out.append(row)
+    return out
+
+
+def _chart_encoders(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in record["rows"] if "+proj" not in r["name"]]
+    longest = str(record["lengths"][-1])
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    params = [r["params"] / 1e6 for r in rows]
+    ax.loglog(params, [r["latency_s"][longest] for r in rows], "o-", label=f"encode time, {longest} tokens (s)")
+    ax.loglog(params, [r["peak_added_bytes"] / 1e9 for r in rows], "s-", label="peak added memory (GB)")
+    for r, x in zip(rows, params):
+        ax.annotate(r["name"], (x, r["latency_s"][longest]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.set_xlabel("parameters (M)")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _chart_throughput(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = record["rows"]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    labels = [r["route"].replace("service, concurrency 16, ", "service, ").replace(" (sequential)", "") for r in rows]
+    ax.barh(labels, [r["jobs_per_s"] for r in rows], color=["#888"] + ["#2456d6"] * (len(rows) - 1))
+    ax.set_xlabel("jobs/s")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def render(out_dir: Path) -> Path:
+    records = {p.stem: json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))}
+    lines = ["# Benchmarks", "",
+             "Every figure below is a comparison measured side by side in one run (medians of repetitions) on the "
+             "machine named in its section. Rerun everything with `python -m bench run` (about 20 minutes on a "
+             "2-core CPU; `python -m bench run NAME` for one; `python -m bench run gpu` on a GPU host), which also "
+             "rewrites this file from `docs/benchmarks/*.json`. CI runs `python -m bench run --tiny` (a quick check "
+             "that each benchmark runs; its figures are not kept).", ""]
+    for name in ORDER:
+        lines += [f"## {TITLES[name]}", ""]
+        record = records.get(name)
+        if record is None:
+            lines += [NOTES[name] if name == "gpu" else "Not run yet.", ""]
+            if name == "gpu":
+                lines += ["The script is ready (`bench/gpu.py`): real-size FLUX.1 and SD3.5 Large transformers with "
+                          "random bf16 weights, the FLUX VAE shape and each T5 size; per-stage latency at 1024x1024 "
+                          "(FLUX 4 and 28 steps), peak VRAM for T5-XXL resident / offloaded to the CPU / a student "
+                          "on the GPU / a student on the CPU, and a fits-in-24-GB column. CI runs it with `--tiny` "
+                          "on the CPU.", ""]
+            continue
+        m = record["machine"]
+        lines += [f"Command: `{record['command']}`  ", f"Machine: {m['cpu']}, {m['cores']} cores"
+                  + (f", {m['gpu']}" if m.get("gpu") else ", no GPU") + f"; {m['date']}  ",
+                  f"Setting: {record.get('setting') or ''}".rstrip(), ""]
+        if name == "encoders":
+            lines += _table(_encoders_rows(record)) + [""]
+            _chart_encoders(record, out_dir / "encoders.png")
+            lines += ["![encode time and memory against parameters](benchmarks/encoders.png)", ""]
+        elif name == "gpu":
+            lines += _table(record["encoders"]) + [""] + _table(record["rows"]) + [""]
+        elif name == "startup":
+            lines += _table(record["rows"]) + ["", f"Median: ready in {record['ready_p50_s']:.2f} s; first job "
+                                                   f"{record['first_job_p50_s']:.3f} s; warm job "
+                                                   f"{record['warm_job_p50_s']:.3f} s.", ""]
+        else:
+            lines += _table(record["rows"]) + [""]
+            if name == "throughput":
+                _chart_throughput(record, out_dir / "throughput.png")
+                lines += ["![jobs per second](benchmarks/throughput.png)", ""]
+            if name == "overhead":
+                lines += [f"Added latency per job (p50, service minus stock loop): "
+                          f"**{record['added_p50_ms']:.1f} ms**, of which HTTP and queue "
+                          f"{record['http_and_queue_p50_ms']:.1f} ms.", ""]
+        if record["targets"]:
+            lines += ["| target | measured | bound | met |", "|---|---|---|---|"]
+            for t in record["targets"]:
+                lines.append(f"| {t['name']} | {_fmt(t['value'])}{t['unit']} | {t['target']} | "
+                             f"{'yes' if t['met'] else '**no**'} |")
+            lines.append("")
+        lines += [NOTES[name], ""]
+    path = out_dir.parent / "benchmarks.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,242 @@
+"""The service against the stock diffusers pipeline, on the demo models (one CPU thread per process):
+
+- overhead: the same prompts and seeds, sequential, through a plain loop calling the stock `FluxPipeline` (T5 inside
+  it) vs through HTTP + queue + worker. Target: p50 added latency per job <= 5 ms.
+- throughput: concurrency 16, dynamic batching off (T2I_MAX_BATCH=1) vs on (4 and 8), and the plain loop. Target:
+  >= 2x jobs/s with batching on vs off, and no p95 latency above 2x the unbatched p95.
+- startup: from spawning a worker to its first heartbeat (ready), and the first job's latency against a warm one.
+
+    python -m bench run overhead throughput startup         # add --tiny for a quick check
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.common import percentile, save, target
+from service.redis_server import EmbeddedRedis, free_port
+
+STEPS, SIZE = 4, 64
+
+
+class Service:
+    """An embedded Redis, one API and one worker, as local processes on 127.0.0.1, stopped by their pids."""
+
+    def __init__(self, models_file: Path, worker_env: dict[str, str], workdir: Path):
+        self.redis = EmbeddedRedis().start()
+        self.env = {**os.environ, "T2I_REDIS_URL": self.redis.url, "T2I_MODELS_FILE": str(models_file),
+                    "T2I_THREADS": "1", "HF_HUB_OFFLINE": "1", "T2I_WORKER_METRICS_PORT": "0",
+                    "T2I_MAX_QUEUE": "10000"}
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self._spawn(["api", "--host", "127.0.0.1", "--port", str(port)], {})
+        self._wait(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200)
+        self.worker_spawned = time.perf_counter()
+        self._spawn(["worker"], worker_env)
+        self._wait(lambda: httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200)
+        self.worker_ready_s = time.perf_counter() - self.worker_spawned
+
+    def _spawn(self, args: list[str], env: dict[str, str]) -> None:
+        log = open(self.workdir / f"{args[0]}-{len(self.procs)}.log", "w")
+        self.procs.append(subprocess.Popen([sys.executable, "-m", "service.cli", *args], env={**self.env, **env},
+                                           stdout=log, stderr=subprocess.STDOUT))
+
+    def _wait(self, ready, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in self.procs):
+                raise RuntimeError("a service process exited; see " + str(self.workdir))
+            try:
+                if ready():
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.02)
+        raise TimeoutError("the service did not become ready")
+
+    def generate(self, client: httpx.Client, prompt: str, seed: int) -> tuple[float, dict]:
+        start = time.perf_counter()
+        response = client.post("/v1/generate", params={"encoder": "t5-xxl", "wait": "true"},
+                               json={"prompt": prompt, "seed": seed, "steps": STEPS, "width": SIZE, "height": SIZE})
+        elapsed = time.perf_counter() - start
+        job = response.json()
+        assert job["status"] == "succeeded", job
+        return elapsed, job
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.redis.cleanup()
+
+
+def stock_pipeline(kit: Path):
+    """The stock diffusers FluxPipeline of the demo kit with its T5 (the teacher) inside: what users run today."""
+    import torch
+    from diffusers import FluxPipeline
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    torch.set_num_threads(1)
+    pipe = FluxPipeline.from_pretrained(kit / "pipelines" / "flux",
+                                        text_encoder_2=T5EncoderModel.from_pretrained(kit / "encoders" / "t5-xxl"),
+                                        tokenizer_2=AutoTokenizer.from_pretrained(kit / "encoders" / "t5-xxl"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def plain_call(pipe, prompt: str, seed: int) -> float:
+    import torch
+
+    start = time.perf_counter()
+    pipe(prompt=prompt, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=3.5,
+         generator=torch.Generator("cpu").manual_seed(seed), max_sequence_length=32, output_type="pil")
+    return time.perf_counter() - start
+
+
+def prompts(n: int) -> list[str]:
+    return [f"a red fox number {i} in the snow at dawn" for i in range(n)]
+
+
+def demo_kit(workdir: Path) -> Path:
+    from service.models.demo import make_demo
+
+    return make_demo(workdir / "kit")
+
+
+def run_overhead(tiny: bool = False) -> dict:
+    n = 10 if tiny else 60
+    with tempfile.TemporaryDirectory() as tmp:
+        kit = demo_kit(Path(tmp))
+        pipe = stock_pipeline(kit)
+        plain_call(pipe, "warm up", 0)
+        service = Service(kit / "models.yaml", {"T2I_MAX_BATCH": "1", "T2I_EMBEDDING_CACHE": "false"}, Path(tmp))
+        try:
+            with httpx.Client(base_url=service.url, timeout=120) as client:
+                service.generate(client, "warm up", 0)
+                plain, served, worker_total = [], [], []
+                for i, prompt in enumerate(prompts(n)):  # interleaved: both see the same machine state
+                    plain.append(plain_call(pipe, prompt, i))
+                    elapsed, job = service.generate(client, prompt, i)
+                    served.append(elapsed)
+                    worker_total.append(job["timings"]["total"])
+        finally:
+            service.stop()
+    p50_plain, p50_served = percentile(plain, 50), percentile(served, 50)
+    added = p50_served - p50_plain
+    record = {
+        "command": "python -m bench run overhead" + (" --tiny" if tiny else ""), "jobs": n,
+        "setting": f"demo FLUX kit, {SIZE}x{SIZE}, {STEPS} steps, 1 thread per process, sequential, interleaved",
+        "rows": [
+            {"route": "stock FluxPipeline loop", "p50_s": p50_plain, "p95_s": percentile(plain, 95)},
+            {"route": "HTTP + queue + worker", "p50_s": p50_served, "p95_s": percentile(served, 95)},
+            {"route": "  of which inside the worker", "p50_s": percentile(worker_total, 50),
+             "p95_s": percentile(worker_total, 95)},
+        ],
+        "added_p50_ms": added * 1000,
+        "http_and_queue_p50_ms": (p50_served - percentile(worker_total, 50)) * 1000,
+        "targets": [target("p50 added latency per job", added * 1000, "<=", 5, " ms")],
+    }
+    save("overhead", record)
+    return record
+
+
+def _load(service: Service, n: int, concurrency: int) -> tuple[float, list[float], list[int]]:
+    """`n` jobs from `concurrency` clients; returns (jobs/s, latencies, batch sizes)."""
+    items = list(enumerate(prompts(n)))
+    latencies: list[float] = []
+    batches: list[int] = []
+
+    def client_loop(chunk):
+        with httpx.Client(base_url=service.url, timeout=300) as client:
+            for i, prompt in chunk:
+                elapsed, job = service.generate(client, prompt, i)
+                latencies.append(elapsed)
+                batches.append(job.get("batch_size") or 1)
+
+    chunks = [items[k::concurrency] for k in range(concurrency)]
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(client_loop, chunks))
+    return n / (time.perf_counter() - start), latencies, batches
+
+
+def run_throughput(tiny: bool = False) -> dict:
+    n, concurrency = (32, 16) if tiny else (160, 16)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        kit = demo_kit(Path(tmp))
+        pipe = stock_pipeline(kit)
+        plain_call(pipe, "warm up", 0)
+        start = time.perf_counter()
+        plain = [plain_call(pipe, p, i) for i, p in enumerate(prompts(n // 2))]
+        rows.append({"route": "stock FluxPipeline loop (sequential)", "jobs_per_s": (n // 2) / (time.perf_counter()
+                     - start), "p50_s": percentile(plain, 50), "p95_s": percentile(plain, 95), "mean_batch": 1.0})
+        del pipe
+        for max_batch in (1, 4, 8):
+            service = Service(kit / "models.yaml", {"T2I_MAX_BATCH": str(max_batch), "T2I_EMBEDDING_CACHE": "false"},
+                              Path(tmp))
+            try:
+                with httpx.Client(base_url=service.url, timeout=120) as client:
+                    service.generate(client, "warm up", 0)
+                rate, latencies, batches = _load(service, n, concurrency)
+            finally:
+                service.stop()
+            rows.append({"route": f"service, concurrency {concurrency}, T2I_MAX_BATCH={max_batch}",
+                         "jobs_per_s": rate, "p50_s": percentile(latencies, 50), "p95_s": percentile(latencies, 95),
+                         "mean_batch": sum(batches) / len(batches)})
+    off, on = rows[1], rows[2]
+    record = {
+        "command": "python -m bench run throughput" + (" --tiny" if tiny else ""), "jobs": n,
+        "concurrency": concurrency,
+        "setting": f"demo FLUX kit, {SIZE}x{SIZE}, {STEPS} steps, one worker with 1 thread, embedding cache off",
+        "rows": rows,
+        "targets": [
+            target("jobs/s, batching on (4) vs off", on["jobs_per_s"] / off["jobs_per_s"], ">=", 2, "x"),
+            target("p95 latency, batching on (4) vs off", on["p95_s"] / off["p95_s"], "<=", 2, "x"),
+        ],
+    }
+    save("throughput", record)
+    return record
+
+
+def run_startup(tiny: bool = False) -> dict:
+    runs = 2 if tiny else 5
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        kit = demo_kit(Path(tmp))
+        for _ in range(runs):
+            service = Service(kit / "models.yaml", {"T2I_EMBEDDING_CACHE": "false"}, Path(tmp))
+            try:
+                with httpx.Client(base_url=service.url, timeout=120) as client:
+                    first, _ = service.generate(client, "the first prompt", 1)
+                    warm, _ = service.generate(client, "the second prompt", 2)
+                rows.append({"ready_s": service.worker_ready_s, "first_job_s": first, "warm_job_s": warm})
+            finally:
+                service.stop()
+    ready = sorted(r["ready_s"] for r in rows)
+    record = {
+        "command": "python -m bench run startup" + (" --tiny" if tiny else ""), "runs": runs, "rows": rows,
+        "setting": "demo kit (FLUX + SD3 denoisers loaded at start; encoders on first use), 1 thread",
+        "ready_p50_s": percentile(ready, 50),
+        "first_job_p50_s": percentile([r["first_job_s"] for r in rows], 50),
+        "warm_job_p50_s": percentile([r["warm_job_s"] for r in rows], 50),
+        "targets": [],
+    }
+    save("startup", record)
+    return record
+
