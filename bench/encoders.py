@@ -69,6 +69,7 @@ def run(tiny: bool = False, threads: int = 2) -> dict:
             print(f"  {rows[-1]['name']}: {rows[-1]['params'] / 1e6:.1f} M params, "
                   f"{ {k: round(v, 3) for k, v in rows[-1]['latency_s'].items()} } s", flush=True)
     record = {"command": "python -m bench run encoders" + (" --tiny" if tiny else ""), "threads": threads,
+              "setting": f"random bf16 weights, {threads} threads, batch 1, {repeats} repetitions (median)",
               "dtype": "bfloat16", "lengths": lengths, "repeats": repeats, "rows": rows, "targets": []}
     by_name = {r["name"]: r for r in rows}
     ref = by_name.get("t5-xxl")

@@ -64,6 +64,13 @@ class PayloadTooLargeError(T2IError):
     http_status = 413
 
 
+class RequestTimeoutError(T2IError):
+    """The client did not send its request in time."""
+
+    error_type = "request_timeout"
+    http_status = 408
+
+
 class UnsupportedMediaTypeError(T2IError):
     error_type = "unsupported_media_type"
     http_status = 415

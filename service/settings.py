@@ -55,7 +55,7 @@ class Settings(BaseSettings):
         8 * 2**20, ge=1, description="Larger embeddings (one prompt) are not cached in Redis."
     )
     max_batch: int = Field(
-        4, ge=1, le=64, description="Most jobs a worker denoises in one call (same pipeline, encoder, size, steps)."
+        8, ge=1, le=64, description="Most jobs a worker denoises in one call (same pipeline, encoder, size, steps)."
     )
     batch_wait_ms: int = Field(
         10, ge=0, le=10_000, description="How long a worker waits for more jobs to fill a batch, in milliseconds."
@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     )
     heartbeat_s: float = Field(2.0, gt=0, description="Seconds between worker heartbeats.")
     wait_timeout_s: float = Field(120.0, gt=0, description="Upper bound of `?wait=true` on POST /v1/generate.")
+    body_timeout_s: float = Field(30.0, gt=0, description="Seconds a client has to send its whole request body.")
     max_body_bytes: int = Field(
         12_000_000, ge=1024, description="Largest request body the API accepts (fits a base64 control image)."
     )

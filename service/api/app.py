@@ -17,17 +17,32 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
 from service.api.auth import authenticate, load_keys
 from service.api.queue_client import QueueClient
 from service.api.routes import ab, compare, generate, health, jobs, models, openai_images, uploads
-from service.errors import OverloadedError, PayloadTooLargeError, T2IError, UnauthorizedError
+from service.errors import OverloadedError, PayloadTooLargeError, RequestTimeoutError, T2IError, UnauthorizedError
 from service.models.registry import Registry, load_registry
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("t2i.api")
+
+
+class ErrorBody(BaseModel):
+    """Every error the API answers: what went wrong, its kind, and the field (or header, file) at fault."""
+
+    error: str
+    error_type: str
+    field: str | None = None
+
+
+ERROR_RESPONSES = {code: {"model": ErrorBody, "description": text} for code, text in (
+    (401, "missing or unknown API key"), (404, "not found (or another key's)"), (409, "conflict with the state"),
+    (413, "body or image too large"), (415, "unsupported content type"), (422, "invalid field"),
+    (429, "queue full, rate limit or quota (see Retry-After)"), (503, "no live worker or Redis down"))}
 
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
@@ -56,7 +71,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     keyed = [Depends(authenticate)]  # every API route needs a key once keys are configured
     for router in (generate.router, jobs.router, uploads.router, compare.router, openai_images.router,
                    models.router):
-        app.include_router(router, dependencies=keyed)
+        app.include_router(router, dependencies=keyed, responses=ERROR_RESPONSES)
     for router in (health.router, ab.router):  # probes, and the dashboard page (its API calls carry the key)
         app.include_router(router)
 
@@ -70,7 +85,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     if settings.cors_origins:  # closed unless origins are named
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"])
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     return app
 
 
@@ -109,11 +124,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 class BodyLimit:
-    """413 for bodies over the limit, by Content-Length or while streaming (a chunked upload is cut off)."""
+    """413 for bodies over the limit, by Content-Length or while streaming (a chunked upload is cut off); 408 for a
+    body that has not fully arrived within `timeout_s` (a client trickling its upload holds nothing for long)."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, timeout_s: float = 30.0):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -125,8 +142,14 @@ class BodyLimit:
         # Read the whole body first (it is small by construction), so an oversize chunked upload is refused
         # here with 413 rather than half-parsed downstream.
         chunks, seen = [], 0
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - asyncio.get_running_loop().time(), 0.001))
+            except asyncio.TimeoutError:
+                error = RequestTimeoutError(f"the request body did not arrive within T2I_BODY_TIMEOUT_S="
+                                            f"{self.timeout_s:g} s ({seen} bytes received)", field="body")
+                return await JSONResponse(error.to_dict(), status_code=408)({"type": "http"}, None, send)
             if message["type"] != "http.request":
                 return await self.app(scope, _replay([message], receive), send)
             seen += len(message.get("body", b""))

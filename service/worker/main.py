@@ -115,7 +115,7 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 claims = self.consumer.claim(block_ms=1000)
-            except redis.ConnectionError as exc:
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unreachable (%s); retrying", exc)
                 self.stopping.wait(1.0)
                 continue
@@ -231,7 +231,7 @@ class Worker:
         """What a succeeded job stores: images, seed, timings, peak memory (and its prompt embedding for compare
         runs). A job cancelled while its batch ran is stored as cancelled."""
         params = job.params
-        if self.consumer.cancel_requested(job.claim.job_id):
+        if self._with_retry(lambda: self.consumer.cancel_requested(job.claim.job_id)):
             return JobStatus.cancelled, {"error": "job cancelled during denoising", "error_type": "cancelled"}, []
         fmt = params.get("output_format", "png")
         images = [_encode_image(im, fmt) for im in result.images]

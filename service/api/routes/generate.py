@@ -20,6 +20,7 @@ router = APIRouter(tags=["generate"])
 @router.post("/v1/generate", status_code=202, response_model=JobView, dependencies=[JsonBody],
              responses={200: {"model": JobView, "description": "finished job (with ?wait=true)"}})
 @router.post("/generate", status_code=202, response_model=JobView, dependencies=[JsonBody],
+             responses={200: {"model": JobView, "description": "finished job (with ?wait=true)"}},
              include_in_schema=True, summary="Generate (unversioned alias of /v1/generate)")
 async def generate(
     params: GenerateParams,
