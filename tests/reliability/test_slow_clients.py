@@ -31,6 +31,12 @@ def test_a_trickled_upload_is_cut_off(slow_stack):
         sock.settimeout(10)
         answer = sock.recv(4096)
         elapsed = time.monotonic() - start
+        sock.settimeout(2)
+        try:  # the body may come in a segment of its own
+            while b"}" not in answer and (chunk := sock.recv(4096)):
+                answer += chunk
+        except OSError:
+            pass
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"T2I_BODY_TIMEOUT_S=1.5" in answer
     assert 1.0 < elapsed < 6.0, elapsed
