@@ -53,33 +53,31 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
 
 
 def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    if not values:
-        return float("nan")
-    k = (len(values) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+    import numpy as np
+
+    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def rss_bytes() -> int:
+    """The process's resident memory now (its peak: `service.worker.memory.peak_bytes` on the CPU)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
 
 
-def peak_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def random_module(module, device, dtype):
+    """A module built on the meta device, given storage on `device` in `dtype` (tied weights tied again) and filled
+    with N(0, 0.02): real shapes, random weights, one allocation."""
+    import torch
 
-
-def reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    module = module.to(dtype).to_empty(device=device)
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.02)
+    return module.eval().requires_grad_(False)
 
 
 def in_subprocess(module: str, args: list[str], timeout_s: float = 3600) -> dict:

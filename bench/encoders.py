@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bench.common import in_subprocess, median_time, peak_rss_bytes, reset_peak_rss, rss_bytes, save, target
+from bench.common import in_subprocess, median_time, random_module, rss_bytes, save, target
 
 SIZES = ("t5-small", "t5-base", "t5-large", "t5-xl", "t5-xxl")
 LENGTHS = (77, 256, 512)
@@ -26,20 +26,17 @@ def measure(size: str, project: bool, lengths: list[int], repeats: int, threads:
     from accelerate import init_empty_weights
 
     from service.models.sizes import build_t5, t5_config
+    from service.worker.memory import peak_bytes, reset_peak
 
+    cpu = torch.device("cpu")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     config = t5_config(size, project_out_dim=4096 if project else None)
     baseline = rss_bytes()
-    reset_peak_rss()
+    reset_peak(cpu)
     with init_empty_weights(include_buffers=True):
-        model = build_t5(config).to(torch.bfloat16)  # on the meta device: no memory yet
-    model = model.to_empty(device="cpu")  # bf16 storage, allocated once
-    model.tie_weights()  # to_empty gives the tied input embedding its own storage: tie it again
-    model.eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
+        model = build_t5(config)  # on the meta device: no memory yet
+    model = random_module(model, cpu, torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     latency = {}
@@ -52,7 +49,7 @@ def measure(size: str, project: bool, lengths: list[int], repeats: int, threads:
 
         latency[length] = median_time(encode, repeats, warmup=1)
     return {"name": size + ("+proj4096" if project else ""), "params": params, "bytes_bf16": weights,
-            "bytes_fp32": params * 4, "latency_s": latency, "peak_added_bytes": peak_rss_bytes() - baseline,
+            "bytes_fp32": params * 4, "latency_s": latency, "peak_added_bytes": peak_bytes(cpu) - baseline,
             "weight_bytes_in_memory": weights}
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from bench.common import save
+from bench.common import random_module, save
 
 
 def _sync(device) -> None:
@@ -35,18 +35,6 @@ def _timed(fn, device, repeats: int = 3) -> float:
         _sync(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
-
-
-def _materialise(module, device, dtype):
-    import torch
-
-    module = module.to(dtype).to_empty(device=device)
-    if hasattr(module, "tie_weights"):
-        module.tie_weights()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0.0, 0.02)
-    return module.eval().requires_grad_(False)
 
 
 def _bytes(module) -> int:
@@ -90,7 +78,7 @@ def run(tiny: bool = False) -> dict:
         for where, device in (("gpu", gpu), ("cpu", cpu)):
             if where == "cpu" and name in ("t5-xl", "t5-xxl") and not tiny:
                 continue  # minutes per prompt on a CPU: not a layout anyone serves
-            model = _materialise(empty(lambda: build_t5(config)), device, dtype)
+            model = random_module(empty(lambda: build_t5(config)), device, dtype)
             ids = torch.randint(0, config.vocab_size, (1, text_len), device=device)
             with torch.inference_mode():
                 row[f"encode_{where}_s"] = _timed(lambda: model(ids)[0], device)
@@ -102,7 +90,7 @@ def run(tiny: bool = False) -> dict:
 
     # 2. The VAE (FLUX's shape: 16 latent channels) and the two transformers; each encoder layout in a full job
     #    (encode, one denoising step, decode) under the peak-memory counter.
-    vae = _materialise(empty(lambda: AutoencoderKL(
+    vae = random_module(empty(lambda: AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=32,
         down_block_types=("DownEncoderBlock2D",) * (1 if tiny else 4),
         up_block_types=("UpDecoderBlock2D",) * (1 if tiny else 4),
@@ -124,7 +112,7 @@ def run(tiny: bool = False) -> dict:
                       dict(sample_size=res // 8, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=16,
                            num_attention_heads=2, joint_attention_dim=width, caption_projection_dim=32,
                            pooled_projection_dim=64, out_channels=16, pos_embed_max_size=32))
-        transformer = _materialise(empty(lambda: cls(**kwargs)), gpu, dtype)
+        transformer = random_module(empty(lambda: cls(**kwargs)), gpu, dtype)
         config = transformer.config
         if cls is FluxTransformer2DModel:
             tokens = (res // 16) ** 2
@@ -142,7 +130,7 @@ def run(tiny: bool = False) -> dict:
         for layout, size, where in layouts:
             config_t5 = encoder_config(size, None if size == "t5-xxl" else width)
             home = gpu if where == "gpu" else cpu
-            encoder = _materialise(empty(lambda: build_t5(config_t5)), home, dtype)
+            encoder = random_module(empty(lambda: build_t5(config_t5)), home, dtype)
             ids = torch.randint(0, config_t5.vocab_size, (1, text_len))
             if gpu.type == "cuda":
                 torch.cuda.empty_cache()

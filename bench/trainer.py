@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 
-from bench.common import in_subprocess, peak_rss_bytes, save, target
+from bench.common import in_subprocess, save, target
 
 
 def build_kit(tmp: Path) -> tuple[Path, int]:
@@ -43,6 +43,9 @@ def build_kit(tmp: Path) -> tuple[Path, int]:
 
 def train_once(models_file: str, data: str, out: str, steps: int, cache: str | None) -> dict:
     """In this (fresh) process: train `steps` steps and report steps/s and the peak memory."""
+    import torch
+
+    from service.worker.memory import peak_bytes
     from trainer.config import DistillConfig, load_config
     from trainer.distill import train
 
@@ -54,7 +57,7 @@ def train_once(models_file: str, data: str, out: str, steps: int, cache: str | N
     start = time.perf_counter()
     train(config, show_progress=False)
     elapsed = time.perf_counter() - start
-    return {"steps": steps, "seconds": elapsed, "steps_per_s": steps / elapsed, "peak_rss_bytes": peak_rss_bytes()}
+    return {"steps": steps, "seconds": elapsed, "steps_per_s": steps / elapsed, "peak_rss_bytes": peak_bytes(torch.device("cpu"))}
 
 
 def run(tiny: bool = False) -> dict:
