@@ -20,6 +20,9 @@ from service import queue
 from service.redis_server import free_port
 
 FAST_WORKER_ENV = {"T2I_VISIBILITY_TIMEOUT_S": "3", "T2I_HEARTBEAT_S": "0.5", "T2I_WORKER_METRICS_PORT": "0"}
+# A process that is still starting is waited for as long as it lives, up to this cap: a loaded machine can take many
+# times the usual start-up, and a process that fails exits (which is reported at once with its log).
+START_CAP_S = 600
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
@@ -80,6 +83,7 @@ class Stack:
 
     def start_api(self, extra_env: dict | None = None, port: int | None = None) -> str:
         port = port or free_port()
+        started = time.monotonic()
         proc = self._spawn(["api", "--host", "127.0.0.1", "--port", str(port)], extra_env, "api")
         url = f"http://127.0.0.1:{port}"
 
@@ -91,12 +95,19 @@ class Stack:
             except httpx.HTTPError:
                 return False
 
-        wait_for(up, 30, "the API to answer")
-        proc.info["url"] = url
+        wait_for(up, START_CAP_S, "the API to answer")
+        proc.info.update(url=url, startup_s=time.monotonic() - started)
         return url
 
+    def spawn_worker(self, extra_env: dict | None = None) -> Proc:
+        """A worker process, returned at once (it registers with its first heartbeat once ready)."""
+        return self._spawn(["worker"], extra_env, "worker")
+
     def start_worker(self, extra_env: dict | None = None) -> Proc:
-        proc = self._spawn(["worker"], extra_env, "worker")
+        """A worker process, returned once it is ready (its first heartbeat is in Redis); `info["startup_s"]` is how
+        long that took, which tests use to derive their bounds on this machine as it is now."""
+        started = time.monotonic()
+        proc = self.spawn_worker(extra_env)
 
         def registered():
             if proc.process.poll() is not None:
@@ -108,8 +119,9 @@ class Stack:
                     return facts
             return None
 
-        facts = wait_for(registered, 90, "the worker's first heartbeat", interval_s=0.2)
-        proc.info.update(facts, metrics_url=f"http://127.0.0.1:{facts['metrics_port']}/metrics")
+        facts = wait_for(registered, START_CAP_S, "the worker's first heartbeat", interval_s=0.2)
+        proc.info.update(facts, metrics_url=f"http://127.0.0.1:{facts['metrics_port']}/metrics",
+                         startup_s=time.monotonic() - started)
         return proc
 
     def stop_all(self) -> None:
