@@ -141,10 +141,38 @@ def cmd_models_list(args: argparse.Namespace) -> None:
         print(json.dumps([{"type": t, **r.__dict__} for t, r in rows], indent=2))
         return
     _print_table(
-        ["type", "name", "params", "bytes", "dtype", "width", "device", "source", "note"],
-        [[t, r.name, _count(r.params), _size(r.bytes), r.dtype, r.width or "?", r.device, r.source, r.note]
-         for t, r in rows],
+        ["type", "name", "params", "bytes", "dtype", "quantization", "width", "device", "source", "note"],
+        [[t, r.name, _count(r.params), _size(r.bytes), r.dtype, r.quantization or "-", r.width or "?", r.device,
+          r.source, r.note] for t, r in rows],
     )
+
+
+def cmd_models_quantize(args: argparse.Namespace) -> None:
+    """Quantize a registered encoder once and write a pre-quantized Hugging Face directory (weights, config with its
+    `quantization_config`, tokenizer) that plain `from_pretrained` loads and a models file can name as `source`."""
+    torch_setup(args)
+    from service.models.encoder import TextEncoder
+    from service.models.registry import Quantization, Registry
+
+    registry = Registry.from_file(models_file(args))
+    spec = registry.encoder(args.name)
+    try:
+        quant = Quantization(method=args.method, options=json.loads(args.options) if args.options else {})
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise ValidationError(f"`--method {args.method}` / `--options`: {exc}", field="method") from None
+    if spec.quantization is not None:
+        raise ValidationError(f"encoder {spec.name!r} is already quantized ({spec.quantization.describe()}); "
+                              "name the unquantized entry", field="NAME")
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()):
+        raise ValidationError(f"output directory {str(out)!r} is not empty", field="output")
+    encoder = TextEncoder.load(spec.model_copy(update={"quantization": quant}), device=args.device)
+    # Saved before any forward: bitsandbytes NF4 repacks its weights in place on a CPU forward, and a model saved
+    # after one reloads corrupt.
+    encoder.model.save_pretrained(out)
+    encoder.tokenizer.save_pretrained(out)
+    print(f"wrote {spec.name} quantized with {quant.describe()} to {out} ({_size(encoder.num_bytes)} in memory); "
+          f"register it with `source: {out}` (its method is read from its config)")
 
 
 def cmd_keys_new(args: argparse.Namespace) -> None:
@@ -182,10 +210,11 @@ def cmd_models_sizes(args: argparse.Namespace) -> None:
     from service.models.sizes import reference_rows
 
     rows = reference_rows()
-    xxl = next(r for r in rows if r.name == "t5-xxl")
+    xxl = next(r for r in rows if r.name == "t5-xxl" and r.quantization is None)
     _print_table(
-        ["architecture", "params", "bf16 bytes", "width", "xxl/this"],
-        [[r.name, _count(r.params), _size(r.bytes), r.width, f"{xxl.params / r.params:.1f}x"] for r in rows],
+        ["architecture", "params", "bytes", "quantization", "width", "xxl bf16 / this (bytes)"],
+        [[r.name, _count(r.params), _size(r.bytes), r.quantization or "bf16", r.width, f"{xxl.bytes / r.bytes:.1f}x"]
+         for r in rows],
     )
 
 
@@ -309,9 +338,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_world_train(args: argparse.Namespace) -> None:
     torch_setup(args)
-    from trainer.world.train import train_world
+    from trainer.world.train import WorldConfig, train_world
 
-    out = train_world(args.output, vae_minutes=args.vae_minutes, minutes=args.minutes, seed=args.seed)
+    given = {k: getattr(args, k) for k in ("steps", "vae_steps", "checkpoint_every") if getattr(args, k) is not None}
+    config = WorldConfig(**given)
+    out = train_world(args.output, config, seed=args.seed)
     print(f"wrote the miniature world's model kit to {out}; use it with T2I_MODELS_FILE={out / 'models.yaml'}")
 
 
@@ -494,8 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     world = sub.add_parser("world", help="the miniature world").add_subparsers(dest="world_command", required=True)
     wt = world.add_parser("train", parents=[common], help="train the miniature text-to-image model from scratch")
     wt.add_argument("-o", "--output", required=True, help="kit directory to write")
-    wt.add_argument("--vae-minutes", type=float, default=6.0, help="time budget of the VAE (default 6)")
-    wt.add_argument("--minutes", type=float, default=45.0, help="time budget of the denoiser (default 45)")
+    wt.add_argument("--vae-steps", type=int, help="VAE training steps (default 1500)")
+    wt.add_argument("--steps", type=int, help="denoiser training steps (default 5000)")
+    wt.add_argument("--checkpoint-every", type=int,
+                    help="steps between checkpoints in DIR/work (default 250); rerun the same command to resume")
     wt.add_argument("--seed", type=int, default=0)
     wt.set_defaults(func=cmd_world_train)
     wp = world.add_parser("prompts", help="write the world's prompt set in the trainer's dataset format")
@@ -542,6 +575,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_models_make_demo)
     sizes = models.add_parser("sizes", parents=[common], help="real-size architectures counted on the meta device")
     sizes.set_defaults(func=cmd_models_sizes)
+    quant = models.add_parser("quantize", parents=[common],
+                              help="write a pre-quantized copy of a registered encoder (a Hugging Face directory)")
+    quant.add_argument("name", metavar="NAME", help="a registered, unquantized encoder")
+    quant.add_argument("--method", required=True, help="int8-weight-only, int8-dynamic, fp8-weight-only, "
+                                                       "int4-weight-only (CUDA), bnb-int8 or bnb-nf4")
+    quant.add_argument("--options", help='the method\'s options as JSON, e.g. \'{"double_quant": true}\'')
+    quant.add_argument("--device", help="where to quantize (default: the encoder's device)")
+    quant.add_argument("-o", "--output", required=True, help="directory to write (new or empty)")
+    quant.set_defaults(func=cmd_models_quantize)
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     new = keys.add_parser("new", help="make an API key and print the hash line for T2I_API_KEYS")

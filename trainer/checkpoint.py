@@ -39,9 +39,7 @@ def save(run_dir: Path, step: int, student, optimizer: torch.optim.Optimizer, to
     tmp.mkdir(parents=True)
     student.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tensors, meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, tmp / "optimizer.safetensors", metadata={"format": "pt"})
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
+    save_optimizer(tmp, optimizer)
     (tmp / "config.yaml").write_text(to_yaml(config))
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
     shutil.rmtree(final, ignore_errors=True)
@@ -49,6 +47,13 @@ def save(run_dir: Path, step: int, student, optimizer: torch.optim.Optimizer, to
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer's moments as safetensors and its param groups as JSON, in the directory `path`."""
+    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, Path(path) / "optimizer.safetensors", metadata={"format": "pt"})
+    (Path(path) / "optimizer.json").write_text(json.dumps(meta))
 
 
 def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:

@@ -37,6 +37,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from transformers import T5EncoderModel, T5Tokenizer
 
 from service.models.student import T5EncoderWithProjection
+from service.models.registry import quantized_teacher_entries
 
 TEACHER_WIDTH = 64
 CLIP_WIDTH = 32
@@ -302,7 +303,8 @@ def build_controlnet(pipe: DiffusionPipeline, seed: int) -> torch.nn.Module:
 def models_file_dict() -> dict:
     """The demo kit's models file, with sources relative to it."""
     common = {"dtype": "auto", "device": "auto", "width": DEMO_SIZE, "height": DEMO_SIZE, "steps": 4}
-    encoders = {TEACHER.role: {"kind": "teacher", "source": f"./encoders/{TEACHER.role}", "max_sequence_length": 32}}
+    teacher = {"kind": "teacher", "source": f"./encoders/{TEACHER.role}", "max_sequence_length": 32}
+    encoders = {TEACHER.role: teacher, **quantized_teacher_entries(TEACHER.role, teacher)}
     for size in STUDENTS:
         encoders[size.role] = {"kind": "student", "source": f"./encoders/{size.role}", "max_sequence_length": 32}
     return {

@@ -8,6 +8,7 @@ pipelines do, and the truncation is reported back (a warning in the log and in t
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -15,11 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, T5EncoderModel
 
 from service.errors import ModelLoadError
-from service.models.devices import module_bytes, module_params, resolve_device, resolve_dtype
-from service.models.registry import EncoderSpec, Source
+from service.models.devices import resolve_device, resolve_dtype
+from service.models.quantization import check_backend, check_device, check_shapes, detect, hf_config, state_bytes
+from service.models.registry import EncoderSpec, Quantization, Source
+from service.models.sizes import build_t5, meta_params
 from service.models.student import T5EncoderWithProjection
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,21 @@ def weights_identity(spec: EncoderSpec, model: torch.nn.Module) -> str:
     return digest.hexdigest()[:32]
 
 
+def quantization_of(spec: EncoderSpec, config, what: str) -> Quantization | None:
+    """The quantization an encoder loads with: the models file's, or that of a pre-quantized directory; refused when
+    the two disagree."""
+    try:
+        on_disk = detect(config)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{what}: {spec.describe()}: {exc}", field=what) from None
+    wanted = spec.quantization
+    if wanted and on_disk and wanted.method != on_disk.method:
+        raise ModelLoadError(
+            f"{what}: the weights in {spec.describe()} are pre-quantized with {on_disk.method!r} but the models file "
+            f"says quantization {wanted.method!r}; make them agree (or point at the unquantized weights)", field=what)
+    return wanted or on_disk
+
+
 def _is_student(config) -> bool:
     return "T5EncoderWithProjection" in (getattr(config, "architectures", None) or []) or hasattr(
         config, "project_out_dim"
@@ -79,12 +98,19 @@ def _is_student(config) -> bool:
 class TextEncoder:
     """A loaded encoder. `encode(prompts)` returns embeddings on the encoder's own device."""
 
-    def __init__(self, spec: EncoderSpec, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, spec: EncoderSpec, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                 quantization: Quantization | None = None):
         self.spec = spec
         self.model = model
         self.tokenizer = tokenizer
+        self.quantization = quantization
         self.fingerprint = tokenizer_fingerprint(tokenizer)
-        self.identity = f"{spec.name}|{weights_identity(spec, model)}|{self.fingerprint}"
+        quant = quantization.describe() if quantization else "none"
+        self.identity = f"{spec.name}|{weights_identity(spec, model)}|{self.fingerprint}|q={quant}"
+        # Counted once: parameters as the architecture has them (quantization packs weights, it does not remove
+        # parameters), bytes as the model really holds them.
+        self.num_params = meta_params(lambda: build_t5(model.config))
+        self.num_bytes = state_bytes(model)
 
     # -- loading -----------------------------------------------------------------------------------------------
     @classmethod
@@ -97,15 +123,36 @@ class TextEncoder:
         # 2. Tokenizer first: it is cheap and a wrong one makes the weights useless.
         tokenizer = load_tokenizer(spec.tokenizer_source, what)
 
-        # 3. Weights: a student (T5 + projection) or a plain T5 encoder, told apart by the config.
+        # 3. Weights: a student (T5 + projection) or a plain T5 encoder, told apart by the config; quantized as they
+        #    load when the models file says so, or already quantized on disk (which must agree with the file).
         spec.check_local(what)
         try:
             config = AutoConfig.from_pretrained(spec.source, **spec.hf_kwargs())
-            model_cls = T5EncoderWithProjection if _is_student(config) else T5EncoderModel
-            model = model_cls.from_pretrained(spec.source, dtype=dtype, **spec.hf_kwargs())
-        except Exception as exc:  # missing files, a corrupt safetensors header, a config that is not T5, ...
+        except Exception as exc:  # missing files, a config that is not T5, ...
             raise ModelLoadError(f"{what}: cannot load weights from {spec.describe()}: {exc}", field=what) from exc
-        model.to(torch_device).eval().requires_grad_(False)
+        quantization = quantization_of(spec, config, what)
+        kwargs = dict(spec.hf_kwargs())
+        if quantization is not None:
+            check_backend(quantization, what)
+            check_device(quantization, torch_device, what)
+            with init_empty_weights(include_buffers=True):
+                check_shapes(quantization, build_t5(config), torch_device, what)
+            kwargs["device_map"] = str(torch_device)  # quantized weights are placed as they load, never moved
+            if getattr(config, "quantization_config", None) is None:
+                kwargs["quantization_config"] = hf_config(quantization, dtype)
+        model_cls = T5EncoderWithProjection if _is_student(config) else T5EncoderModel
+        try:
+            model = model_cls.from_pretrained(spec.source, dtype=dtype, **kwargs)
+        except Exception as exc:  # missing files, a corrupt safetensors header, a backend that fails, ...
+            gc.collect()  # nothing half-loaded stays
+            raise ModelLoadError(f"{what}: cannot load weights from {spec.describe()}"
+                                 f"{f' with quantization {quantization.describe()}' if quantization else ''}: {exc}",
+                                 field=what) from exc
+        if quantization is None:
+            model.to(torch_device)
+        else:
+            model.tie_weights()  # a device_map load can leave the student's tied embedding as two copies
+        model.eval().requires_grad_(False)
 
         # 4. The ids the tokenizer makes must exist in the embedding table.
         vocab_rows = model.get_input_embeddings().num_embeddings
@@ -114,7 +161,7 @@ class TextEncoder:
                 f"{what}: tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab_rows} rows",
                 field=what,
             )
-        return cls(spec, model, tokenizer)
+        return cls(spec, model, tokenizer, quantization)
 
     # -- facts -------------------------------------------------------------------------------------------------
     @property
@@ -133,14 +180,6 @@ class TextEncoder:
     def output_width(self) -> int:
         config = self.model.config
         return getattr(config, "project_out_dim", None) or config.d_model
-
-    @property
-    def num_params(self) -> int:
-        return module_params(self.model)
-
-    @property
-    def num_bytes(self) -> int:
-        return module_bytes(self.model)
 
     # -- encoding ----------------------------------------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, list[bool]]:

@@ -16,6 +16,10 @@ A models file looks like::
         kind: teacher                 # teacher | student
         source: ./encoders/t5-xxl
         max_sequence_length: 512
+      t5-xxl-int8:                    # the same weights on disk, quantized as they load
+        kind: teacher
+        source: ./encoders/t5-xxl
+        quantization: {method: int8-weight-only}   # one of QUANT_METHODS, with its options
     loras:                            # LoRA adapters, switched per request
       flux-style: {pipeline: flux, source: ./loras/flux-style, weight_name: pytorch_lora_weights.safetensors}
     controlnets:                      # ControlNets, chosen per request
@@ -107,6 +111,75 @@ class PipelineSpec(Source):
             )
 
 
+class QuantMethod(BaseModel):
+    """What one quantization method is built on, which options it takes, and where it has kernels."""
+
+    model_config = ConfigDict(frozen=True)
+
+    backend: Literal["torchao", "bitsandbytes"]
+    bits: int
+    options: dict[str, type] = Field(default_factory=dict)
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    min_cuda_capability: tuple[int, int] | None = None
+
+
+# Every method goes through transformers' own `quantization_config` (TorchAoConfig, BitsAndBytesConfig): nothing is
+# quantized by hand here. `modules_to_not_convert` keeps the named modules (e.g. `wo`) in the model's dtype.
+_COMMON = {"modules_to_not_convert": list}
+QUANT_METHODS: dict[str, QuantMethod] = {
+    "int8-weight-only": QuantMethod(backend="torchao", bits=8, options=_COMMON),
+    "int8-dynamic": QuantMethod(backend="torchao", bits=8, options=_COMMON),
+    "fp8-weight-only": QuantMethod(backend="torchao", bits=8, options=_COMMON, min_cuda_capability=(8, 9)),
+    "int4-weight-only": QuantMethod(backend="torchao", bits=4, options={**_COMMON, "group_size": int},
+                                    devices=("cuda",)),
+    "bnb-int8": QuantMethod(backend="bitsandbytes", bits=8, options={**_COMMON, "threshold": float}),
+    "bnb-nf4": QuantMethod(backend="bitsandbytes", bits=4,
+                           options={**_COMMON, "compute_dtype": str, "double_quant": bool, "blocksize": int}),
+}
+
+
+# The teacher's quantized forms that the shipped kits register beside it (one copy of the weights on disk).
+TEACHER_QUANTIZED = {"int8": "int8-weight-only", "fp8": "fp8-weight-only", "nf4": "bnb-nf4"}
+
+
+def quantized_teacher_entries(teacher: str, body: dict) -> dict[str, dict]:
+    """Models-file entries `TEACHER-int8`, `-fp8`, `-nf4`: the teacher's own entry with a `quantization`."""
+    return {f"{teacher}-{suffix}": {**body, "quantization": {"method": method}}
+            for suffix, method in TEACHER_QUANTIZED.items()}
+
+
+class Quantization(BaseModel):
+    """How an encoder's weights are quantized when it loads (or were, for a pre-quantized directory)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: str = Field(description=f"One of {', '.join(QUANT_METHODS)}.")
+    options: dict = Field(default_factory=dict, description="Options of the method (see QUANT_METHODS).")
+
+    @model_validator(mode="after")
+    def _known(self) -> "Quantization":
+        if self.method not in QUANT_METHODS:
+            raise ValueError(f"unknown quantization method {self.method!r}; known: {', '.join(QUANT_METHODS)}")
+        allowed = QUANT_METHODS[self.method].options
+        for key, value in self.options.items():
+            if key not in allowed:
+                raise ValueError(f"method {self.method!r} takes no option {key!r}; its options: "
+                                 f"{', '.join(allowed) or 'none'}")
+            want = allowed[key]
+            if not isinstance(value, want) or (want in (int, float) and isinstance(value, bool)):
+                if not (want is float and isinstance(value, int) and not isinstance(value, bool)):
+                    raise ValueError(f"option {key!r} of {self.method!r} must be {want.__name__}, got {value!r}")
+        return self
+
+    @property
+    def spec(self) -> QuantMethod:
+        return QUANT_METHODS[self.method]
+
+    def describe(self) -> str:
+        extra = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return self.method + (f"({extra})" if extra else "")
+
+
 class EncoderSpec(Source):
     name: str
     kind: Literal["teacher", "student"]
@@ -119,6 +192,10 @@ class EncoderSpec(Source):
     cache_key: str | None = Field(
         None, max_length=200, description="Identity of the weights in the embedding cache. Default: the Hub commit, "
                                           "or a hash of the local weight files (read once at load)."
+    )
+    quantization: Quantization | None = Field(
+        None, description="Quantize the weights at load (the same source may be registered under several names, "
+                          "one per method, with one copy on disk); or describe a pre-quantized directory."
     )
 
     @property
@@ -187,9 +264,9 @@ class Registry(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Registry":
-        teachers = [e.name for e in self.encoders.values() if e.kind == "teacher"]
+        teachers = [e.name for e in self.encoders.values() if e.kind == "teacher" and e.quantization is None]
         if len(teachers) > 1:
-            raise ValueError(f"encoders: at most one teacher, found {teachers}")
+            raise ValueError(f"encoders: at most one teacher (quantized forms of it aside), found {teachers}")
         for section, specs in (("loras", self.loras), ("controlnets", self.controlnets)):
             for spec in specs.values():
                 if spec.pipeline not in self.pipelines:
@@ -233,7 +310,9 @@ class Registry(BaseModel):
 
     @property
     def teacher(self) -> EncoderSpec | None:
-        return next((e for e in self.encoders.values() if e.kind == "teacher"), None)
+        """The reference encoder: the teacher as it was trained (its quantized forms are teachers too, not this)."""
+        return next((e for e in self.encoders.values() if e.kind == "teacher" and e.quantization is None),
+                    next((e for e in self.encoders.values() if e.kind == "teacher"), None))
 
     # -- loading -----------------------------------------------------------------------------------------------
     @classmethod

@@ -18,8 +18,8 @@ from accelerate import init_empty_weights
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from transformers import AutoConfig, T5Config, T5EncoderModel
 
-from service.models.devices import module_params, resolve_device, resolve_dtype
-from service.models.registry import EncoderSpec, PipelineSpec
+from service.models.devices import DTYPES, module_params, resolve_device, resolve_dtype
+from service.models.registry import QUANT_METHODS, EncoderSpec, PipelineSpec, Quantization
 from service.models.student import T5EncoderWithProjection
 
 # google/t5-v1_1-* (FLUX and SD3 ship the XXL encoder); the paper's students are FLAN-T5, the same architecture.
@@ -82,6 +82,7 @@ class SizeRow:
     dtype: str
     source: str
     note: str = ""
+    quantization: str | None = None
 
 
 def reference_rows() -> list[SizeRow]:
@@ -92,6 +93,11 @@ def reference_rows() -> list[SizeRow]:
             n = meta_params(lambda: build_t5(config))
             name = size if out is None else f"{size}+proj{out}"
             rows.append(SizeRow(name, n, 2 * n, out or config.d_model, "-", "bfloat16", "reference config"))
+    xxl = t5_config("t5-xxl")
+    for method in QUANT_METHODS:  # T5-XXL as users quantize it, sized on the meta device (nothing allocated)
+        n, nbytes = meta_size(xxl, Quantization(method=method), torch.bfloat16)
+        rows.append(SizeRow("t5-xxl", n, nbytes, TEACHER_WIDTH, "-", "bfloat16", "reference config",
+                            quantization=method))
     for name, (cls, kwargs) in TRANSFORMERS.items():
         n = meta_params(lambda: cls(**kwargs))
         rows.append(SizeRow(name, n, 2 * n, kwargs.get("joint_attention_dim", 4096), "-", "bfloat16",
@@ -108,15 +114,30 @@ def _element_size(dtype_name: str, device_name: str) -> tuple[str, int, str]:
     return str(dtype).removeprefix("torch."), torch.empty((), dtype=dtype).element_size(), str(device)
 
 
+def meta_size(config: T5Config, quant: Quantization | None, dtype: torch.dtype) -> tuple[int, int]:
+    """(parameters, bytes in memory) of an encoder under a quantization method, from its config alone."""
+    from service.models.quantization import estimate_bytes
+
+    with init_empty_weights(include_buffers=True):
+        model = build_t5(config)
+    return module_params(model), estimate_bytes(model, quant, dtype)
+
+
 def encoder_row(spec: EncoderSpec) -> SizeRow:
-    dtype, elem, device = _element_size(spec.dtype, spec.device)
+    dtype, _elem, device = _element_size(spec.dtype, spec.device)
+    quant = spec.quantization
     try:
+        from service.models.quantization import detect
+
         config = AutoConfig.from_pretrained(spec.source, **spec.hf_kwargs())
-        n = meta_params(lambda: build_t5(config))
+        quant = quant or detect(config)
+        n, nbytes = meta_size(config, quant, DTYPES[dtype])
         width = getattr(config, "project_out_dim", None) or config.d_model
-        return SizeRow(spec.name, n, n * elem, width, device, dtype, spec.describe(), spec.kind)
+        return SizeRow(spec.name, n, nbytes, width, device, dtype, spec.describe(), spec.kind,
+                       quant.describe() if quant else None)
     except Exception as exc:  # not downloaded yet, or not readable: say so instead of failing the whole list
-        return SizeRow(spec.name, None, None, None, device, dtype, spec.describe(), f"{spec.kind}; {exc}"[:120])
+        return SizeRow(spec.name, None, None, None, device, dtype, spec.describe(), f"{spec.kind}; {exc}"[:120],
+                       quant.describe() if quant else None)
 
 
 def pipeline_row(spec: PipelineSpec) -> SizeRow:

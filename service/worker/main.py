@@ -78,7 +78,7 @@ class Worker:
         for name in self.encoder_names:
             row = encoder_row(self.registry.encoder(name))
             self.encoder_facts[name] = {"params": row.params, "bytes": row.bytes, "width": row.width,
-                                        "device": row.device, "dtype": row.dtype}
+                                        "device": row.device, "dtype": row.dtype, "quantization": row.quantization}
             for pipeline in self.pipelines:
                 if row.width is not None:
                     self.generator.denoiser(pipeline).check_encoder_width(name, row.width)

@@ -8,9 +8,13 @@ from service.models.registry import Registry
 
 def test_demo_registry_lists_both_pipelines_and_every_role(registry):
     assert set(registry.pipelines) == {"flux", "sd3"}
-    assert set(registry.encoders) == {"t5-xxl", "t5-large", "t5-base", "t5-small"}
+    assert set(registry.encoders) == {"t5-xxl", "t5-xxl-int8", "t5-xxl-fp8", "t5-xxl-nf4", "t5-large", "t5-base",
+                                      "t5-small"}
     assert registry.teacher.name == "t5-xxl"
-    assert {e.kind for n, e in registry.encoders.items() if n != "t5-xxl"} == {"student"}
+    assert {e.kind for n, e in registry.encoders.items() if not n.startswith("t5-xxl")} == {"student"}
+    quantized = {n: e.quantization.method for n, e in registry.encoders.items() if e.quantization}
+    assert quantized == {"t5-xxl-int8": "int8-weight-only", "t5-xxl-fp8": "fp8-weight-only", "t5-xxl-nf4": "bnb-nf4"}
+    assert {registry.encoder(n).source for n in quantized} == {registry.teacher.source}  # one copy on disk
 
 
 def test_relative_sources_resolve_against_the_models_file(registry, demo_dir):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import re
 
-from trainer.world.scene import KINDS, OBJECT_SIZES, PALETTE, POSITIONS, RELATIONS, SHAPES, Scene, sample
+from trainer.world.scene import KINDS, OBJECT_SIZES, PALETTE, POSITIONS, RELATIONS, SHAPES, WORDS, Scene, sample
 
 EVAL_SEED = 10_000  # training draws scenes from seeds < 10_000
 
@@ -35,8 +35,35 @@ def caption(scene: Scene, rng: random.Random) -> str:
     if scene.kind == "relation":
         rel = rng.choice(RELATION_PHRASES[t["relation"]])
         return f"a {t['color']} {t['shape']} {rel} a {t['color2']} {t['shape2']}"
-    return rng.choice([f"a sign reading '{t['word']}'", f"a sign that says '{t['word']}'",
-                       f"the word '{t['word']}' on a sign"])
+    return rng.choice(TEXT_TEMPLATES).format(word=t["word"])
+
+
+TEXT_TEMPLATES = ("a sign reading '{word}'", "a sign that says '{word}'", "the word '{word}' on a sign")
+
+
+def is_novel(scene: Scene, text: str) -> bool:
+    """Whether a scene and its caption use a combination that training never sees: about 1 in 10 of the
+    colour x shape x position combinations of single objects, and 1 in 3 of the word x template combinations of
+    signs (every word is still seen, with its other templates). Training draws skip these; `novel_prompts` draws
+    only these, so an accuracy on them measures generalisation, not recall."""
+    t = scene.truth
+    if scene.kind == "single":
+        color, shape, position = list(PALETTE).index(t["color"]), SHAPES.index(t["shape"]), \
+            list(POSITIONS).index(t["position"])
+        return (color + 2 * shape + 3 * position) % 10 == 0
+    if scene.kind == "text":
+        template = next(i for i, tpl in enumerate(TEXT_TEMPLATES) if tpl.split("{")[0] in text)
+        return (WORDS.index(t["word"]) + template) % 3 == 0
+    return False
+
+
+def training_scene(rng: random.Random, kind: str | None = None) -> tuple[Scene, str]:
+    """A scene and its caption as training draws them: never a held-out (novel) combination."""
+    while True:
+        scene = sample(rng, kind)
+        text = caption(scene, rng)
+        if not is_novel(scene, text):
+            return scene, text
 
 
 _COLOR = "|".join(PALETTE)
@@ -72,6 +99,17 @@ def held_out_prompts(n: int, seed: int = EVAL_SEED, kinds: tuple[str, ...] = KIN
     """`n` prompts, `kinds` in turn, drawn from a seed the training never used."""
     rng = random.Random(seed)
     return [caption(sample(rng, kinds[i % len(kinds)]), rng) for i in range(n)]
+
+
+def novel_prompts(n: int, seed: int = EVAL_SEED + 1, kinds: tuple[str, ...] = ("single", "text")) -> list[str]:
+    """`n` prompts, `kinds` in turn, of combinations training never sees (`is_novel`)."""
+    rng, prompts = random.Random(seed), []
+    while len(prompts) < n:
+        scene = sample(rng, kinds[len(prompts) % len(kinds)])
+        text = caption(scene, rng)
+        if is_novel(scene, text):
+            prompts.append(text)
+    return prompts
 
 
 assert set(POSITION_PHRASES) == set(POSITIONS) and set(RELATION_PHRASES) == set(RELATIONS)

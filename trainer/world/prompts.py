@@ -11,8 +11,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from trainer.world.captions import caption
-from trainer.world.scene import sample
+from trainer.world.captions import training_scene
 
 KIND_CRITERIA = {"single": "semantics", "count": "semantics", "relation": "semantics", "text": "text_rendering"}
 
@@ -25,8 +24,7 @@ def write_prompts(out_dir: str | Path, train: int = 4000, validation: int = 200,
         rng = random.Random(split_seed)
         rows, seen = [], set()
         while len(rows) < n:
-            scene = sample(rng)
-            text = caption(scene, rng)
+            scene, text = training_scene(rng)  # never a held-out combination
             if text in seen:
                 continue
             seen.add(text)

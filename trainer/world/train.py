@@ -1,17 +1,23 @@
 """Train the miniature world's text-to-image model from scratch: `t2i world train -o DIR`.
 
-    t2i world train -o kit --vae-minutes 6 --minutes 45 --threads 2     # 2-core CPU, under an hour
-    t2i world train -o kit --vae-minutes 2 --minutes 10                  # a GPU, or a quick look
+    t2i world train -o kit --threads 1          # the default budget: about 2 h on one CPU core, in the background
+    t2i world train -o kit --steps 1000 --vae-steps 300      # a quick look
 
 It writes a complete model kit: DIR/pipelines/flux (a real diffusers FluxPipeline: FluxTransformer2DModel +
 AutoencoderKL + FlowMatchEulerDiscreteScheduler, and a null CLIP), DIR/encoders/t5-xxl (the teacher T5, frozen and
 randomly initialised: the denoiser learns to read it, as FLUX learnt to read a T5 it did not train), untrained students
 at about 1/4, 1/16 and 1/64 of the teacher's parameters, DIR/models.yaml, and DIR/train_log.jsonl.
 
+Budgets are in steps, not minutes, so a run is reproducible from its seed on any machine (a GPU runs the same command
+faster). Every batch is drawn from generators seeded by (seed, stage, step), so the run needs no random state on disk:
+it checkpoints the VAE once trained and the denoiser, its EMA and the optimizer every `--checkpoint-every` steps under
+DIR/work/ (safetensors and JSON), and rerunning the same command resumes where it stopped.
+
 Choices: the CLIP slot is a null encoder (its pooled output is zero) so that the T5 encoder alone carries the prompt
-and encoders can be compared sharply; the VAE is a small AutoencoderKL trained first (32x32 -> 8x8x8), so the stock
-pipeline runs unchanged; the denoiser is trained by rectified flow (the FLUX objective) with logit-normal timesteps,
-10% caption dropout for classifier-free guidance, and an EMA of its weights.
+and encoders can be compared sharply; the VAE is a small AutoencoderKL trained first (32x32 -> 16x16x4 by default, 64
+image tokens after FLUX's 2x2 packing), so the stock pipeline runs unchanged; the denoiser is trained by rectified flow
+(the FLUX objective) with logit-normal timesteps, 10% caption dropout for classifier-free guidance, and an EMA of its
+weights. Training never sees the held-out combinations of `captions.is_novel`.
 """
 
 from __future__ import annotations
@@ -20,48 +26,78 @@ import copy
 import json
 import math
 import random
+import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors.torch import load_file, save_file
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel
 
 from service.models.demo import T5Size, _clip_config, build_clip_tokenizer, build_student, build_t5_tokenizer
 from service.models.demo import build_teacher
-from trainer.world.captions import caption
-from trainer.world.scene import SIZE, render, sample
+from service.models.registry import quantized_teacher_entries
+from trainer.checkpoint import load_optimizer, save_optimizer
+from trainer.world.captions import training_scene
+from trainer.world.scene import SIZE, render
 
 TEACHER = T5Size("t5-xxl", 256, 4, 4, 512)
 STUDENTS = (T5Size("t5-large", 128, 4, 4, 256), T5Size("t5-base", 64, 3, 4, 128), T5Size("t5-small", 32, 2, 2, 64))
 MAX_TOKENS = 16
-KIND_WEIGHTS = {"single": 0.4, "count": 0.25, "relation": 0.2, "text": 0.15}
+KIND_WEIGHTS = {"single": 0.3, "count": 0.3, "relation": 0.28, "text": 0.12}
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """What `t2i world train` builds and how long it trains it."""
+
+    vae_channels: tuple[int, ...] = (16, 32)  # one down-sampling per extra entry: 32x32 -> 16x16
+    latent_channels: int = 4
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    layers: int = 2  # FLUX double-stream blocks
+    single_layers: int = 4
+    heads: int = 4  # of 32 dims each
+    steps: int = 5000
+    batch: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    ema: float = 0.999
+    checkpoint_every: int = 250
+
+    @property
+    def latent_size(self) -> int:
+        return SIZE // 2 ** (len(self.vae_channels) - 1)
 
 
 def batch(rng: random.Random, n: int) -> tuple[torch.Tensor, list[str]]:
+    """`n` training images in [-1, 1] and their captions (never a held-out combination)."""
     kinds = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()), k=n)
-    scenes = [sample(rng, k) for k in kinds]
+    scenes, captions = zip(*(training_scene(rng, k) for k in kinds))
     images = np.stack([render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
-    return torch.from_numpy(images).permute(0, 3, 1, 2), [caption(s, rng) for s in scenes]
+    return torch.from_numpy(images).permute(0, 3, 1, 2), list(captions)
 
 
-def build_vae() -> AutoencoderKL:
+def build_vae(config: WorldConfig = WorldConfig()) -> AutoencoderKL:
+    blocks = len(config.vae_channels)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), layers_per_block=1,
-        latent_channels=8, norm_num_groups=8, sample_size=SIZE, scaling_factor=1.0, shift_factor=0.0,
-        use_quant_conv=False, use_post_quant_conv=False,
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=config.vae_channels, layers_per_block=1,
+        latent_channels=config.latent_channels, norm_num_groups=8, sample_size=SIZE, scaling_factor=1.0,
+        shift_factor=0.0, use_quant_conv=False, use_post_quant_conv=False,
     )
 
 
-def build_transformer() -> FluxTransformer2DModel:
+def build_transformer(config: WorldConfig = WorldConfig()) -> FluxTransformer2DModel:
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * 8, num_layers=2, num_single_layers=4, attention_head_dim=32,
-        num_attention_heads=4, joint_attention_dim=TEACHER.d_model, pooled_projection_dim=32, guidance_embeds=False,
-        axes_dims_rope=(8, 12, 12),
+        patch_size=1, in_channels=4 * config.latent_channels, num_layers=config.layers,
+        num_single_layers=config.single_layers, attention_head_dim=32, num_attention_heads=config.heads,
+        joint_attention_dim=TEACHER.d_model, pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=(8, 12, 12),
     )
 
 
@@ -79,53 +115,70 @@ def _log(path: Path, **record) -> None:
     print(json.dumps(record), flush=True)
 
 
-def train_vae(vae: AutoencoderKL, minutes: float, rng: random.Random, log: Path) -> None:
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    start, step = time.monotonic(), 0
+def _draw(seed: int, stage: int, step: int) -> tuple[random.Random, torch.Generator]:
+    """The generators of one step: data from the first, noise from the second; a resumed run draws the same."""
+    key = (seed * 1_000_003 + stage) * 10_000_019 + step
+    return random.Random(key), torch.Generator().manual_seed(key % 2**63)
+
+
+def train_vae(vae: AutoencoderKL, config: WorldConfig, seed: int, log: Path) -> None:
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr)
+    start = time.monotonic()
     vae.train()
-    while time.monotonic() - start < minutes * 60:
-        images, _ = batch(rng, 32)
+    for step in range(1, config.vae_steps + 1):
+        rng, gen = _draw(seed, 1, step)
+        images, _ = batch(rng, config.vae_batch)
         posterior = vae.encode(images).latent_dist
-        recon = vae.decode(posterior.sample()).sample
+        recon = vae.decode(posterior.sample(gen)).sample
         loss = F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if step % 50 == 0:
+        if step % 100 == 0:
             _log(log, stage="vae", step=step, loss=loss.item(), elapsed_s=time.monotonic() - start)
     vae.eval().requires_grad_(False)
     # Normalise latents to zero mean, unit variance, as FLUX's VAE config does with shift and scaling factors.
     with torch.no_grad():
-        latents = torch.cat([vae.encode(batch(rng, 64)[0]).latent_dist.mean for _ in range(16)])
+        latents = torch.cat([vae.encode(batch(_draw(seed, 2, i)[0], 64)[0]).latent_dist.mean for i in range(16)])
     vae.register_to_config(shift_factor=latents.mean().item(), scaling_factor=1.0 / latents.std().item())
 
 
-def train_denoiser(transformer, vae, teacher, tokenizer, minutes: float, rng: random.Random, log: Path,
-                   batch_size: int = 64) -> FluxTransformer2DModel:
+def train_denoiser(transformer: FluxTransformer2DModel, vae: AutoencoderKL, teacher, tokenizer, config: WorldConfig,
+                   seed: int, log: Path, work: Path) -> FluxTransformer2DModel:
+    """Rectified flow on the teacher's embeddings; resumes from WORK/denoiser when a checkpoint is there."""
     ema = copy.deepcopy(transformer).requires_grad_(False)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-3, weight_decay=0.0)
-    pooled = torch.zeros(batch_size, 32)
-    img_ids = FluxPipeline._prepare_latent_image_ids(1, SIZE // 8, SIZE // 8, "cpu", torch.float32)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=config.lr, weight_decay=0.0)
+    ckpt, first = work / "denoiser", 1
+    if (ckpt / "state.json").is_file():
+        transformer.load_state_dict(load_file(ckpt / "transformer.safetensors"))
+        ema.load_state_dict(load_file(ckpt / "ema.safetensors"))
+        load_optimizer(ckpt, optimizer)
+        first = json.loads((ckpt / "state.json").read_text())["step"] + 1
+        _log(log, stage="denoiser", resumed_at=first)
+    n = config.batch
+    pooled = torch.zeros(n, 32)
+    grid = config.latent_size // 2
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, grid, grid, "cpu", torch.float32)
     txt_ids = torch.zeros(MAX_TOKENS, 3)
-    start, step, budget = time.monotonic(), 0, minutes * 60
+    start = time.monotonic()
     transformer.train()
-    while (elapsed := time.monotonic() - start) < budget:
-        # lr: 200 warm-up steps, then cosine decay over the time budget
-        lr = 1e-3 * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(elapsed / budget, 1.0)))
+    for step in range(first, config.steps + 1):
+        # lr: warm-up, then cosine decay over the step budget
+        lr = config.lr * min(1.0, step / config.warmup) * 0.5 * (1 + math.cos(math.pi * step / config.steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images, captions = batch(rng, batch_size)
+        rng, gen = _draw(seed, 3, step)
+        images, captions = batch(rng, n)
         captions = ["" if rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():
             z = vae.encode(images).latent_dist.mean
             z = (z - vae.config.shift_factor) * vae.config.scaling_factor
-            x0 = FluxPipeline._pack_latents(z, batch_size, z.shape[1], z.shape[2], z.shape[3])
+            x0 = FluxPipeline._pack_latents(z, n, z.shape[1], z.shape[2], z.shape[3])
             ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                             return_tensors="pt").input_ids
             text = teacher(ids)[0]
-        sigma = torch.sigmoid(torch.randn(batch_size)).view(-1, 1, 1)
-        noise = torch.randn_like(x0)
+        sigma = torch.sigmoid(torch.randn(n, generator=gen)).view(-1, 1, 1)
+        noise = torch.randn(x0.shape, generator=gen)
         x_t = (1 - sigma) * x0 + sigma * noise
         pred = transformer(hidden_states=x_t, timestep=sigma.view(-1), encoder_hidden_states=text,
                            pooled_projections=pooled, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
@@ -136,43 +189,58 @@ def train_denoiser(transformer, vae, teacher, tokenizer, minutes: float, rng: ra
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for e, p in zip(ema.parameters(), transformer.parameters()):
-                e.lerp_(p, 1 - 0.999)
-        step += 1
+                e.lerp_(p, 1 - config.ema)
         if step % 100 == 0:
+            elapsed = time.monotonic() - start
             _log(log, stage="denoiser", step=step, loss=loss.item(), lr=lr, elapsed_s=elapsed,
-                 steps_per_s=step / max(elapsed, 1e-6))
+                 steps_per_s=(step - first + 1) / max(elapsed, 1e-6))
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            tmp = work / ".denoiser.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(transformer.state_dict(), tmp / "transformer.safetensors")
+            save_file(ema.state_dict(), tmp / "ema.safetensors")
+            save_optimizer(tmp, optimizer)
+            (tmp / "state.json").write_text(json.dumps({"step": step}))
+            shutil.rmtree(ckpt, ignore_errors=True)
+            tmp.rename(ckpt)
     return ema.eval()
 
 
 def models_file() -> dict:
     common = {"dtype": "auto", "device": "auto", "max_sequence_length": MAX_TOKENS}
+    teacher = {"kind": "teacher", "source": f"./encoders/{TEACHER.role}", **common}
     return {
         "pipelines": {"flux": {"family": "flux", "source": "./pipelines/flux", "dtype": "auto", "device": "auto",
                                "width": SIZE, "height": SIZE, "steps": 20, "guidance": 0.0, "true_cfg_scale": 3.0}},
-        "encoders": {TEACHER.role: {"kind": "teacher", "source": f"./encoders/{TEACHER.role}", **common},
+        "encoders": {TEACHER.role: teacher,
+                     **quantized_teacher_entries(TEACHER.role, teacher),
                      **{s.role: {"kind": "student", "source": f"./encoders/{s.role}", **common} for s in STUDENTS}},
     }
 
 
-def train_world(out_dir: str | Path, *, vae_minutes: float, minutes: float, seed: int = 0) -> Path:
+def train_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), *, seed: int = 0) -> Path:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
     log = out / "train_log.jsonl"
-    log.write_text("")
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
+    _log(log, stage="start", seed=seed, config=asdict(config))
 
     # 1. Tokenizers, the frozen teacher T5 and the null CLIP.
     t5_tokenizer, clip_tokenizer = build_t5_tokenizer(), build_clip_tokenizer()
     teacher = build_teacher(t5_tokenizer, seed, size=TEACHER).requires_grad_(False)
     clip = null_clip(clip_tokenizer)
 
-    # 2. The VAE, then the denoiser conditioned on the teacher.
-    torch.manual_seed(seed + 1)
-    vae = build_vae()
-    train_vae(vae, vae_minutes, rng, log)
+    # 2. The VAE (trained once, then kept in WORK/vae), then the denoiser conditioned on the teacher.
+    if (work / "vae" / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(work / "vae").eval().requires_grad_(False)
+    else:
+        torch.manual_seed(seed + 1)
+        vae = build_vae(config)
+        train_vae(vae, config, seed, log)
+        vae.save_pretrained(work / "vae")
     torch.manual_seed(seed + 2)
-    transformer = train_denoiser(build_transformer(), vae, teacher, t5_tokenizer, minutes, rng, log)
+    transformer = train_denoiser(build_transformer(config), vae, teacher, t5_tokenizer, config, seed, log, work)
 
     # 3. The kit: the pipeline, the teacher, untrained students, the models file.
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,

@@ -21,6 +21,7 @@ class ModelInfo(BaseModel):
     dtype: str | None = None
     device: str | None = None
     max_sequence_length: int | None = None
+    quantization: str | None = None  # encoders: the method (and options) their weights are quantized with
     served_by: list[str] = []
     resident_on: list[str] = []
 
@@ -29,7 +30,7 @@ def _merge(info: ModelInfo, worker: dict, facts: dict) -> None:
     info.served_by.append(worker["id"])
     if facts.get("resident", True):
         info.resident_on.append(worker["id"])
-    for key in ("params", "bytes", "width", "dtype", "device"):
+    for key in ("params", "bytes", "width", "dtype", "device", "quantization"):
         if getattr(info, key) is None and facts.get(key) is not None:
             setattr(info, key, facts[key])
 
@@ -41,7 +42,8 @@ async def encoders(registry: RegistryDep, queue: QueueDep) -> list[ModelInfo]:
     out = []
     for spec in registry.encoders.values():
         info = ModelInfo(name=spec.name, kind=spec.kind, source=spec.describe(),
-                         max_sequence_length=spec.max_sequence_length)
+                         max_sequence_length=spec.max_sequence_length,
+                         quantization=spec.quantization.describe() if spec.quantization else None)
         for worker in workers:
             if spec.name in worker["encoders"]:
                 _merge(info, worker, worker["encoders"][spec.name])
