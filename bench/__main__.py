@@ -14,6 +14,7 @@ from bench.common import OUT
 
 BENCHMARKS = {  # name -> (module, function)
     "encoders": ("bench.encoders", "run"),
+    "quantized": ("bench.quantized", "run"),
     "overhead": ("bench.service", "run_overhead"),
     "throughput": ("bench.service", "run_throughput"),
     "startup": ("bench.service", "run_startup"),

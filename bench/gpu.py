@@ -160,9 +160,15 @@ def run(tiny: bool = False) -> dict:
         del transformer
         if gpu.type == "cuda":
             torch.cuda.empty_cache()
+    # 3. T5-XXL under every quantization method (whole, on the GPU; int4 has kernels there) beside the students.
+    from bench.quantized import METHODS, rows as quantized_rows
+
+    quantized = quantized_rows("t5-small" if tiny else "t5-xxl", 1 if tiny else 24, "t5-small" if tiny else "t5-base",
+                               text_len, 1 if tiny else 3, threads=2, device=str(gpu),
+                               methods=METHODS[:2] if tiny else METHODS + ("int4-weight-only",))
     record = {"command": "python -m bench run gpu" + (" --tiny" if tiny else ""),
               "setting": ("tiny configs on the CPU (a check of the script, not a measurement)" if tiny else
                           f"real sizes, bf16, random weights, {res}x{res}, {text_len} T5 tokens, batch 1"),
-              "encoders": encoder_rows, "rows": rows, "targets": []}
+              "encoders": encoder_rows, "rows": rows, "quantized": quantized, "targets": []}
     save("gpu-tiny" if tiny else "gpu", record)
     return record

@@ -359,16 +359,25 @@ def cmd_world_eval(args: argparse.Namespace) -> None:
 
     from service.models.generation import Generator
     from service.models.registry import Registry
-    from trainer.world.accuracy import encoder_accuracy, held_out_prompts
+    from service.models.sizes import encoder_row
+    from trainer.world.accuracy import encoder_accuracy, held_out_prompts, plot_frontier
+    from trainer.world.captions import novel_prompts
 
     registry = Registry.from_file(models_file(args))
     generator = Generator(registry)
-    prompts = held_out_prompts(args.prompts)
-    report = {name: encoder_accuracy(generator, args.pipeline, name, prompts, steps=args.steps)
-              for name in (args.encoder or list(registry.encoders))}
+    prompts = novel_prompts(args.prompts) if args.novel else held_out_prompts(args.prompts)
+    report = {}
+    for name in args.encoder or list(registry.encoders):
+        report[name] = encoder_accuracy(generator, args.pipeline, name, prompts, steps=args.steps, seeds=args.seeds)
+        report[name]["bytes"] = encoder_row(registry.encoder(name)).bytes
+        report[name]["quantization"] = q.describe() if (q := registry.encoder(name).quantization) else None
+        print(f"{name}: " + ", ".join(f"{c} {v:.0%}" for c, v in report[name]["criteria"].items()), flush=True)
     print(_json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).write_text(_json.dumps(report, indent=2))
+        Path(args.out).write_text(_json.dumps(report, indent=2) + "\n")
+    if args.chart:
+        plot_frontier(report, {n: r["bytes"] for n, r in report.items() if r["bytes"]},
+                      {n for n, r in report.items() if r["quantization"]}, args.chart)
 
 
 def cmd_world_controlnet(args: argparse.Namespace) -> None:
@@ -542,7 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
     we.add_argument("--pipeline", default="flux")
     we.add_argument("--prompts", type=int, default=120)
     we.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
+    we.add_argument("--seeds", type=int, default=1, help="seeds per prompt (default 1)")
+    we.add_argument("--novel", action="store_true",
+                    help="only combinations training never saw (colour x shape x position, word x template)")
     we.add_argument("--out", help="also write the JSON report here")
+    we.add_argument("--chart", help="also draw accuracy against encoder bytes (PNG) here")
     we.set_defaults(func=cmd_world_eval)
     wpp = world.add_parser("paper", parents=[common], help="distil students at 1/4, 1/16, 1/64 and read their images")
     wpp.add_argument("--kit", required=True, help="a kit from `t2i world train`")

@@ -148,6 +148,8 @@ class EncoderSummary(BaseModel):
     job_p95_s: float | None = None
     peak_memory_bytes: int | None = None
     params: int | None = None
+    bytes: int | None = Field(None, description="The encoder's weights as held in memory (quantized ones as stored).")
+    quantization: str | None = Field(None, description="The quantization method, for a quantized encoder.")
 
 
 class PairSummary(BaseModel):

@@ -23,7 +23,7 @@ def use_demo(models_file, monkeypatch):
 
 
 @pytest.mark.parametrize("pipeline", ["flux", "sd3"])
-@pytest.mark.parametrize("encoder", ["t5-xxl", "t5-large", "t5-base", "t5-small"])
+@pytest.mark.parametrize("encoder", ["t5-xxl", "t5-xxl-int8", "t5-large", "t5-base", "t5-small"])
 def test_generate_writes_a_png(tmp_path, pipeline, encoder, capsys):
     out = tmp_path / "fox.png"
     code = main(["generate", "--pipeline", pipeline, "--encoder", encoder, "--prompt", "a red fox in snow",
@@ -92,7 +92,11 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message, capsys):
 def test_models_list(capsys):
     assert main(["models", "list", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert set(rows) == {"flux", "sd3", "t5-xxl", "t5-large", "t5-base", "t5-small"}
+    assert set(rows) == {"flux", "sd3", "t5-xxl", "t5-xxl-int8", "t5-xxl-fp8", "t5-xxl-nf4", "t5-large", "t5-base",
+                         "t5-small"}
+    assert rows["t5-xxl-nf4"]["quantization"] == "bnb-nf4" and rows["t5-xxl"]["quantization"] is None
+    assert rows["t5-xxl-nf4"]["params"] == rows["t5-xxl"]["params"]
+    assert rows["t5-xxl-nf4"]["bytes"] < rows["t5-xxl"]["bytes"] / 2
     assert rows["t5-xxl"]["params"] > rows["t5-large"]["params"] > rows["t5-base"]["params"] > rows["t5-small"]["params"]
     assert all(rows[n]["width"] == 64 for n in rows)
     assert rows["t5-base"]["source"].startswith("local ") and rows["t5-base"]["device"] == "cpu"

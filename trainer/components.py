@@ -97,16 +97,23 @@ class Components:
         return t5, clip, pooled
 
 
-def load_student(path: Path, project_out_dim: int) -> T5EncoderWithProjection:
-    """A student dir loads as is; a plain T5 encoder dir is wrapped with a fresh projection (its weights kept)."""
+def load_student(path: Path, project_out_dim: int, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """On `device`: a student dir loads as is; so does a T5 encoder dir already of the teacher's width (a quantized
+    teacher from `t2i models quantize`, say, evaluated like a student); a narrower plain T5 encoder dir is wrapped
+    with a fresh projection (its weights kept)."""
     config = AutoConfig.from_pretrained(path, local_files_only=True)
+    quantized = getattr(config, "quantization_config", None) is not None
     try:
         if getattr(config, "project_out_dim", None) is not None:
-            return T5EncoderWithProjection.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+            return T5EncoderWithProjection.from_pretrained(path, dtype=torch.float32, local_files_only=True,
+                                                           **({"device_map": str(device)} if quantized else {}))
+        if quantized or config.d_model == project_out_dim:
+            return T5EncoderModel.from_pretrained(path, dtype=torch.float32, local_files_only=True,
+                                                  device_map=str(device))
         t5 = T5EncoderModel.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     except Exception as exc:
         raise ModelLoadError(f"student {str(path)!r}: cannot load weights: {exc}", field="student") from exc
-    return T5EncoderWithProjection.from_t5(t5, project_out_dim)
+    return T5EncoderWithProjection.from_t5(t5, project_out_dim).to(device)
 
 
 def student_spec(name: str, path: str | Path, max_sequence_length: int) -> EncoderSpec:

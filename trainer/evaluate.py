@@ -55,7 +55,7 @@ def evaluate(config: DistillConfig, students: list[str | Path], out_dir: str | P
     generator = Generator(Registry(pipelines=registry.pipelines, encoders=encoders, loras=registry.loras,
                                    controlnets=registry.controlnets, path=registry.path),
                           device=str(device), encoder_device=str(device))
-    modules = {n: load_student(Path(s), components.denoiser.joint_attention_dim).to(device).eval()
+    modules = {n: load_student(Path(s), components.denoiser.joint_attention_dim, device).eval()
                for n, s in zip(names, students)}
     trajectory = Trajectory(components.denoiser, config.trajectory_steps, config.resolution)
     clip_scorer = None

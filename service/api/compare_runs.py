@@ -115,13 +115,13 @@ class CompareRuns:
         statuses = await self._statuses(run)
         cells = await self._cells(run, statuses, base_url)
         workers = await self.queue.live_workers()
-        params = {}
+        facts_of: dict[str, dict] = {}  # params, bytes and quantization of each encoder, as its workers report them
         for worker in workers:
             for name, facts in worker["encoders"].items():
-                params.setdefault(name, facts.get("params"))
+                facts_of.setdefault(name, facts)
         return CompareView(
             **self._summary_fields(run, statuses).model_dump(), prompt_set=run["prompt_set"],
-            prompt_list=run["prompts"], cells=cells, summary=_encoder_summaries(run, cells, params),
+            prompt_list=run["prompts"], cells=cells, summary=_encoder_summaries(run, cells, facts_of),
             votes=await self.vote_summary(run))
 
     def _summary_fields(self, run: dict, statuses: dict[str, str]) -> CompareSummary:
@@ -290,7 +290,7 @@ def _score(results: dict[str, EncoderResult], images: dict[str, Image.Image], em
             result.embedding_cosine = embedding_cosine(embeddings[encoder], embeddings[reference])
 
 
-def _encoder_summaries(run: dict, cells: list[Cell], params: dict[str, int | None]) -> list[EncoderSummary]:
+def _encoder_summaries(run: dict, cells: list[Cell], facts: dict[str, dict]) -> list[EncoderSummary]:
     out = []
     for encoder in run["encoders"]:
         rows = [c.results[encoder] for c in cells if encoder in c.results]
@@ -309,5 +309,6 @@ def _encoder_summaries(run: dict, cells: list[Cell], params: dict[str, int | Non
             accuracy=mean([float(all(j.values())) for j in judged]),
             encode_p50_s=percentile(encode, 50), encode_p95_s=percentile(encode, 95),
             job_p50_s=percentile(total, 50), job_p95_s=percentile(total, 95),
-            peak_memory_bytes=max(memory) if memory else None, params=params.get(encoder)))
+            peak_memory_bytes=max(memory) if memory else None, params=facts.get(encoder, {}).get("params"),
+            bytes=facts.get(encoder, {}).get("bytes"), quantization=facts.get(encoder, {}).get("quantization")))
     return out

@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from service.errors import ModelLoadError
-from service.models.registry import QUANT_METHODS, Quantization
+from service.models.registry import Quantization
 
 PACKAGES = {"torchao": "torchao", "bitsandbytes": "bitsandbytes"}
 NF4_BLOCKSIZE = 64
@@ -194,7 +194,3 @@ def estimate_bytes(model: torch.nn.Module, quant: Quantization | None, dtype: to
         seen.add(id(tensor))
         total += tensor.numel() * (element if tensor.is_floating_point() else tensor.element_size())
     return total
-
-
-def method_names() -> list[str]:
-    return list(QUANT_METHODS)

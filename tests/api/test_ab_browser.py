@@ -1,6 +1,7 @@
 """The `/ab` dashboard in a real headless Chromium (Debian's, driven by Playwright) against a running `t2i serve` on
-the demo models: start a run of two encoders over two prompts, wait for the grid, check the 4 images and the summary
-table, enlarge an image, cast a blind vote by keyboard, and save screenshots as test artifacts."""
+the demo models: start a run of three encoders (the teacher, its int8 form, a student) over two prompts, wait for the
+grid, check the 6 images, the summary table and the score-against-bytes chart, enlarge an image, cast a blind vote by
+keyboard, and save screenshots as test artifacts."""
 
 import os
 import shutil
@@ -81,21 +82,34 @@ def test_compare_two_encoders_then_vote(served, page):
     page.select_option("#prompt-set", "")
     page.fill("#prompts", "a red fox in snow\na lighthouse at night")
     for box in page.query_selector_all("#encoders input"):
-        box.set_checked(box.get_attribute("value") in ("t5-base", "t5-xxl"))
+        box.set_checked(box.get_attribute("value") in ("t5-base", "t5-xxl", "t5-xxl-int8"))
     page.fill("#seeds", "3")
     page.click("#start")
 
-    # 2. Progress, then the grid: 2 prompts x 2 encoders = 4 images, and one summary row per encoder.
+    # 2. Progress, then the grid: 2 prompts x 3 encoders = 6 images, and one summary row per encoder.
     page.wait_for_selector("#run-status.done", timeout=120_000)
     images = page.query_selector_all("#grid img.cell-image")
-    assert len(images) == 4
+    assert len(images) == 6
     page.wait_for_function("[...document.querySelectorAll('#grid img.cell-image')].every(i => i.naturalWidth > 0)")
     rows = {r.get_attribute("data-encoder"): r for r in page.query_selector_all("#summary tbody tr")}
-    assert sorted(rows) == ["t5-base", "t5-xxl"]
+    assert sorted(rows) == ["t5-base", "t5-xxl", "t5-xxl-int8"]
     base_row = [c.inner_text() for c in rows["t5-base"].query_selector_all("td")]
-    assert base_row[0] == "t5-base" and float(base_row[2]) > 0 and 0 < float(base_row[3]) <= 1  # PSNR, SSIM
+    assert base_row[0] == "t5-base" and float(base_row[3]) > 0 and 0 < float(base_row[4]) <= 1  # PSNR, SSIM
     assert base_row[-1] == "2 / 2"
-    assert "reference" in rows["t5-xxl"].inner_text()
+    assert "reference" in rows["t5-xxl"].inner_text() and "int8-weight-only" in rows["t5-xxl-int8"].inner_text()
+
+    # The chart: one mark per encoder at its real bytes (the int8 teacher a square, between the student and the
+    # teacher), its score the SSIM against the reference (the reference at 1), and a frontier line.
+    marks = {m.get_attribute("data-encoder"): m for m in page.query_selector_all("#frontier .point")}
+    assert sorted(marks) == ["t5-base", "t5-xxl", "t5-xxl-int8"]
+    size = {n: int(m.get_attribute("data-bytes")) for n, m in marks.items()}
+    assert size["t5-base"] < size["t5-xxl-int8"] < size["t5-xxl"]
+    assert marks["t5-xxl-int8"].evaluate("m => m.tagName") == "rect" and marks["t5-xxl"].evaluate("m => m.tagName") \
+        == "circle"
+    assert float(marks["t5-xxl"].get_attribute("data-score")) == 1.0
+    assert 0 < float(marks["t5-base"].get_attribute("data-score")) < 1
+    assert page.query_selector("#frontier polyline.frontier").get_attribute("points")
+    assert "SSIM against t5-xxl" in page.inner_text("#frontier-caption")
     assert page.query_selector_all("#runs li[data-run]")
     page.screenshot(path=str(ARTIFACTS / "ab-grid.png"), full_page=True)
 

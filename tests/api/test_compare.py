@@ -218,3 +218,36 @@ def test_bad_compare_requests_get_422_and_queue_nothing(api, stack, body, field,
     for word in words:
         assert word in data["error"], data
     assert stack.redis.zcard(queue.QUEUED) == depth and stack.redis.zcard(queue.COMPARES) == runs
+
+
+def test_teacher_its_quantized_forms_and_the_students_side_by_side_in_the_miniature_world(tmp_path):
+    """The comparison users need: on the shipped miniature kit, one run over the teacher, its int8, fp8 and NF4 forms
+    and the three students ends with the evaluator's accuracy and the real bytes of every encoder."""
+    import httpx
+
+    from service.models.registry import MINIATURE_KIT
+    from service.redis_server import EmbeddedRedis
+    from tests.stack import Stack
+
+    encoders = ["t5-xxl", "t5-xxl-int8", "t5-xxl-fp8", "t5-xxl-nf4", "t5-large", "t5-base", "t5-small"]
+    with EmbeddedRedis() as redis_server:
+        stack = Stack(redis_server.url, MINIATURE_KIT, tmp_path)
+        try:
+            api_url = stack.start_api()
+            stack.start_worker()
+            with httpx.Client(base_url=api_url, timeout=60) as api:
+                response = api.post("/v1/compare", json={"prompt_set": "miniature-text-rendering",
+                                                         "encoders": encoders, "seeds": [0], "steps": 8})
+                assert response.status_code == 202, response.text
+                done = finished(api, response.json()["id"], timeout=600)
+        finally:
+            stack.stop_all()
+    assert done["jobs_failed"] == 0
+    summary = {s["encoder"]: s for s in done["summary"]}
+    assert set(summary) == set(encoders)
+    assert all(s["accuracy"] is not None and s["bytes"] > 0 for s in summary.values())
+    for name, method in (("t5-xxl-int8", "int8-weight-only"), ("t5-xxl-fp8", "fp8-weight-only"),
+                         ("t5-xxl-nf4", "bnb-nf4")):
+        assert summary[name]["quantization"] == method
+        assert summary[name]["params"] == summary["t5-xxl"]["params"]
+        assert summary[name]["bytes"] < 0.5 * summary["t5-xxl"]["bytes"]

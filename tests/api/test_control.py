@@ -56,7 +56,7 @@ def test_upload_then_generate_by_id_equals_inline_base64_and_the_local_run(api, 
     assert names == {"flux-canny": ("flux", "canny"), "sd3-canny": ("sd3", "canny")}
 
 
-@pytest.mark.parametrize("encoder", ["t5-xxl", "t5-base"])
+@pytest.mark.parametrize("encoder", ["t5-xxl", "t5-xxl-nf4", "t5-base"])
 def test_sd3_controlnet_through_the_service(api, encoder):
     body = {"prompt": "a red fox in snow", "pipeline": "sd3", "seed": 2}
     image = base64.b64encode(square_png()).decode()

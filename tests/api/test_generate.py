@@ -30,7 +30,8 @@ def image_of(api, job, n=0) -> Image.Image:
 
 
 @pytest.mark.parametrize("pipeline", ["flux", "sd3"])
-@pytest.mark.parametrize("encoder", ["t5-xxl", "t5-large", "t5-base", "t5-small"])
+@pytest.mark.parametrize("encoder", ["t5-xxl", "t5-xxl-int8", "t5-xxl-fp8", "t5-xxl-nf4", "t5-large", "t5-base",
+                                     "t5-small"])
 def test_submit_then_image_for_every_pipeline_and_encoder(api, pipeline, encoder):
     job = run(api, {"prompt": "a red fox in snow", "pipeline": pipeline, "seed": 3}, encoder=encoder)
     assert (job["pipeline"], job["encoder"], job["seed"]) == (pipeline, encoder, 3)
@@ -100,8 +101,12 @@ def test_server_sent_events_report_progress_to_the_end(api):
 
 def test_registry_endpoints_show_sizes_from_the_workers(api, stack):
     encoders = {e["name"]: e for e in api.get("/v1/encoders").json()}
-    assert set(encoders) == {"t5-xxl", "t5-large", "t5-base", "t5-small"}
+    assert set(encoders) == {"t5-xxl", "t5-xxl-int8", "t5-xxl-fp8", "t5-xxl-nf4", "t5-large", "t5-base", "t5-small"}
     assert encoders["t5-xxl"]["params"] > encoders["t5-small"]["params"] > 0
+    # Quantized forms: the teacher's parameters, fewer bytes, and the method named (from the registry and the worker).
+    for name, method in (("t5-xxl-int8", "int8-weight-only"), ("t5-xxl-nf4", "bnb-nf4")):
+        assert encoders[name]["quantization"] == method and encoders[name]["params"] == encoders["t5-xxl"]["params"]
+        assert 0 < encoders[name]["bytes"] < 0.6 * encoders["t5-xxl"]["bytes"]
     assert encoders["t5-base"]["width"] == 64 and stack.worker.info["id"] in encoders["t5-base"]["served_by"]
     run(api, {"prompt": "x"}, encoder="t5-large")
     encoders = {e["name"]: e for e in api.get("/v1/encoders").json()}
@@ -138,6 +143,9 @@ def test_openai_client_works_unchanged(stack):
                                   extra_body={"encoder": "t5-small"})
     fetched = httpx.get(urls.data[0].url)
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+    quantized = client.images.generate(model="flux", prompt="a red fox", size="64x64", response_format="b64_json",
+                                       extra_body={"encoder": "t5-xxl-int8", "seed": 5})
+    assert Image.open(io.BytesIO(base64.b64decode(quantized.data[0].b64_json))).size == (64, 64)
 
 
 def test_loras_interleave_on_one_worker(api, generator):

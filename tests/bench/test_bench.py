@@ -25,7 +25,7 @@ def test_every_benchmark_runs_on_tiny_settings_and_the_report_renders(tmp_path):
     assert json.loads((out / "cache.json").read_text())["identical_images"] is True
     (out / "gpu.json").write_text((out / "gpu-tiny.json").read_text())  # the report's gpu section, from the check
     report = render(out).read_text()
-    for title in ("Encoder cost", "Service overhead", "Throughput", "Prompt-embedding cache", "Trainer", "startup",
+    for title in ("Encoder cost", "Quantized T5-XXL", "Service overhead", "Throughput", "Prompt-embedding cache", "Trainer", "startup",
                   "GPU"):
         assert title in report
     assert (out / "encoders.png").exists() and (out / "throughput.png").exists()

@@ -25,7 +25,7 @@ def run(generator, **kw):
 
 
 @pytest.mark.parametrize("pipeline", ["flux", "sd3"])
-@pytest.mark.parametrize("encoder", ["t5-xxl", "t5-large", "t5-base", "t5-small"])
+@pytest.mark.parametrize("encoder", ["t5-xxl", "t5-xxl-int8", "t5-large", "t5-base", "t5-small"])
 def test_a_controlnet_changes_the_image_with_every_encoder_and_leaves_nothing_behind(generator, pipeline, encoder):
     control = ControlInput(name=f"{pipeline}-canny", image=square())
     plain = run(generator, pipeline=pipeline, encoder=encoder).images[0]

@@ -13,7 +13,7 @@ def run(generator, **kw):
 
 
 @pytest.mark.parametrize("pipeline", ["flux", "sd3"])
-@pytest.mark.parametrize("encoder", ["t5-xxl", "t5-large", "t5-base", "t5-small"])
+@pytest.mark.parametrize("encoder", ["t5-xxl", "t5-xxl-nf4", "t5-large", "t5-base", "t5-small"])
 def test_a_lora_changes_the_image_and_is_removed_afterwards(registry, pipeline, encoder):
     generator = Generator(registry)  # fresh: no adapter loaded yet
     lora = f"{pipeline}-style"

@@ -77,3 +77,6 @@ def test_example_models_file_for_real_checkpoints_parses():
     assert {"flux-dev", "flux-schnell", "sd3.5-large"} <= set(reg.pipelines)
     assert reg.teacher.name == "t5-xxl" and not reg.teacher.is_local
     assert {"t5-base", "t5-small", "t5-large"} <= set(reg.encoders)
+    assert reg.encoder("t5-xxl-int8").quantization.method == "int8-weight-only"
+    assert reg.encoder("t5-xxl-nf4").quantization.method == "bnb-nf4"
+    assert reg.encoder("t5-xxl-nf4").source == reg.teacher.source  # one copy of the weights

@@ -96,6 +96,20 @@ def test_eval_shows_the_distilled_student_closer_on_every_criterion(distilled, d
     assert grid.width > 3 * 128  # a column per model plus the prompt
 
 
+def test_eval_takes_a_quantized_teacher_like_a_student(distilled, models_file, tmp_path):
+    """A pre-quantized teacher (`t2i models quantize`) is evaluated as it is: nearer the teacher than a student."""
+    from service.cli import main
+
+    config, out = distilled
+    quantized = tmp_path / "t5-xxl-int8"
+    assert main(["models", "quantize", "t5-xxl", "--method", "int8-weight-only", "-o", str(quantized),
+                 "--models-file", str(models_file)]) == 0
+    report = evaluate(config, [quantized, out], tmp_path / "eval", per_criterion=2)
+    for criterion, rows in report["results"].items():
+        ours, int8 = rows[out.name], rows["t5-xxl-int8"]
+        assert int8["embedding_cosine"] > 0.99 and int8["psnr"] > ours["psnr"], (criterion, int8, ours)
+
+
 def test_eval_with_a_lora_and_a_controlnet_on_every_image(distilled, demo_dir, tmp_path):
     """The LoRA and ControlNet apply to the teacher's and the students' images alike: the images differ from a plain
     eval's, and the report records what was applied."""

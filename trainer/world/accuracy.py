@@ -13,6 +13,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from service.compare import wilson
 from service.models.generation import GenerationRequest, Generator
 from trainer.world.captions import EVAL_SEED, held_out_prompts, parse  # noqa: F401 (re-exported)
 from trainer.world.evaluator import accuracy, score
@@ -22,20 +23,65 @@ def criterion_of(kind: str) -> str:
     return "text_rendering" if kind == "text" else "semantics"
 
 
+SEED_STRIDE = 100_000  # seed s of prompt i draws its noise from seed s * SEED_STRIDE + i
+
+
 def encoder_accuracy(generator: Generator, pipeline: str, encoder: str, prompts: list[str], seed: int = 0,
-                     steps: int | None = None) -> dict:
-    """Per attribute and per criterion accuracy of one encoder over the prompts."""
+                     steps: int | None = None, seeds: int = 1) -> dict:
+    """Per attribute and per criterion accuracy of one encoder over the prompts, each drawn with `seeds` seeds, with
+    95% Wilson intervals (`intervals`) and the number of images behind each figure (`n`)."""
     by_attribute, by_criterion = [], defaultdict(list)
-    for i, prompt in enumerate(prompts):
-        truth = parse(prompt)
-        image = generator.generate(GenerationRequest(prompt=prompt, pipeline=pipeline, encoder=encoder,
-                                                     seed=seed + i, steps=steps)).images[0]
-        result = score(np.asarray(image.convert("RGB")), truth)
-        by_attribute.append(result)
-        by_criterion[criterion_of(truth["kind"])].append(all(result.values()))
+    for s in range(seeds):
+        for i, prompt in enumerate(prompts):
+            truth = parse(prompt)
+            image = generator.generate(GenerationRequest(prompt=prompt, pipeline=pipeline, encoder=encoder,
+                                                         seed=seed + s * SEED_STRIDE + i, steps=steps)).images[0]
+            result = score(np.asarray(image.convert("RGB")), truth)
+            by_attribute.append(result)
+            by_criterion[criterion_of(truth["kind"])].append(all(result.values()))
+    counts = {c: (int(sum(v)), len(v)) for c, v in sorted(by_criterion.items())}
+    for key in {k for r in by_attribute for k in r}:
+        judged = [r[key] for r in by_attribute if key in r]
+        counts.setdefault(key, (int(sum(judged)), len(judged)))
     return {"attributes": accuracy(by_attribute),
             "criteria": {c: float(np.mean(v)) for c, v in sorted(by_criterion.items())},
-            "prompts": len(prompts)}
+            "intervals": {k: list(wilson(*kn)) for k, kn in sorted(counts.items())},
+            "n": {k: kn[1] for k, kn in sorted(counts.items())},
+            "prompts": len(prompts), "seeds": seeds}
+
+
+def plot_frontier(report: dict, bytes_of: dict[str, int], quantized: set[str], path) -> None:
+    """Accuracy per criterion against each encoder's bytes in memory (log scale), with 95% intervals: students as
+    circles, quantized encoders as squares, the frontier (nothing smaller scores higher) as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    criteria = sorted({c for r in report.values() for c in r["criteria"]})
+    fig, axes = plt.subplots(1, len(criteria), figsize=(5.2 * len(criteria), 3.8), dpi=100, squeeze=False)
+    for ax, criterion in zip(axes[0], criteria):
+        names = sorted((n for n in report if n in bytes_of and criterion in report[n]["criteria"]),
+                       key=lambda n: bytes_of[n])
+        frontier, best = [], -1.0
+        for name in names:
+            value = report[name]["criteria"][criterion]
+            low, high = report[name]["intervals"][criterion]
+            ax.errorbar(bytes_of[name], value, yerr=[[value - low], [high - value]], fmt="s" if name in quantized
+                        else "o", color="tab:orange" if name in quantized else "tab:blue", capsize=3)
+            ax.annotate(name, (bytes_of[name], value), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            if value > best:
+                frontier.append((bytes_of[name], value))
+                best = value
+        ax.plot(*zip(*frontier), "--", color="tab:green", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.03, 1.05)
+        ax.set_xlabel("encoder bytes in memory (log)")
+        ax.set_ylabel(f"{criterion.replace('_', ' ')} accuracy")
+    fig.suptitle("students (circles) and quantized teachers (squares); dashed: the frontier", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def plot_accuracy(report: dict, path) -> None:

@@ -63,5 +63,7 @@ def test_the_cli_evaluates_every_encoder_by_default(tmp_path, capsys):
     assert main(["world", "control-eval", "--kit", str(MINIATURE_KIT.parent), "--seeds", "1", "--out", str(out),
                  "--grid", str(tmp_path / "grid.png")]) == 0, capsys.readouterr().err
     report = json.loads(out.read_text())
-    assert sorted(report) == ["t5-base", "t5-large", "t5-small", "t5-xxl"]
-    assert Image.open(tmp_path / "grid.png").size == (96 * 9, 20 + 96 * 4 + 18)
+    from service.models.registry import Registry
+
+    assert sorted(report) == sorted(Registry.from_file(MINIATURE_KIT).encoders)  # the quantized teachers too
+    assert Image.open(tmp_path / "grid.png").size == (96 * 9, 20 + 96 * len(report) + 18)

@@ -152,7 +152,8 @@ function renderRun(run) {
   summary.replaceChildren();
   for (const s of run.summary) {
     summary.append(el("tr", { "data-encoder": s.encoder },
-      el("td", {}, s.encoder + (s.is_reference ? " (reference)" : "")), el("td", {}, count(s.params)),
+      el("td", {}, s.encoder + (s.is_reference ? " (reference)" : "") +
+        (s.quantization ? ` · ${s.quantization}` : "")), el("td", {}, count(s.params)), el("td", {}, bytes(s.bytes)),
       el("td", {}, s.is_reference ? "ref" : fmt(s.psnr, 2)), el("td", {}, s.is_reference ? "ref" : fmt(s.ssim)),
       el("td", {}, s.is_reference ? "ref" : fmt(s.embedding_cosine)),
       el("td", {}, s.accuracy === null ? "–" : (s.accuracy * 100).toFixed(0) + "%"),
@@ -160,6 +161,8 @@ function renderRun(run) {
       el("td", {}, `${ms(s.job_p50_s)} / ${ms(s.job_p95_s)}`), el("td", {}, bytes(s.peak_memory_bytes)),
       el("td", {}, `${s.succeeded} / ${s.jobs}`)));
   }
+
+  drawFrontier(run);
 
   const head = el("tr", {}, el("th", {}, "prompt · seed"));
   for (const e of run.encoders) head.append(el("th", {}, e + (e === run.reference ? " (ref)" : "")));
@@ -206,6 +209,63 @@ function renderRun(run) {
 }
 
 // Exports go through fetch too, so that they carry the key.
+// Each encoder's score against the bytes of its weights (log scale), quantized encoders as squares, the others as
+// circles, and the frontier: the encoders that no smaller encoder beats. The score is the evaluator's accuracy where
+// the prompts have one (miniature-world sets), else SSIM against the reference (the reference itself scores 1).
+function drawFrontier(run) {
+  const svg = $("#frontier");
+  const ns = "http://www.w3.org/2000/svg";
+  const node = (tag, attrs, text) => {
+    const n = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
+    if (text !== undefined) n.textContent = text;
+    return n;
+  };
+  const byAccuracy = run.summary.some((s) => s.accuracy !== null);
+  const score = (s) => (byAccuracy ? s.accuracy : s.is_reference ? 1 : s.ssim);
+  const points = run.summary.filter((s) => s.bytes && score(s) !== null && score(s) !== undefined);
+  svg.replaceChildren();
+  $("#frontier-caption").textContent = points.length
+    ? `${byAccuracy ? "Evaluator accuracy" : `SSIM against ${run.reference}`} against the encoder's bytes in memory ` +
+      "(log scale); squares are quantized encoders; the line is the frontier (nothing smaller scores higher)."
+    : "The chart appears once encoders have finished jobs and their workers report their sizes.";
+  if (!points.length) return;
+  const [w, h, left, right, top, bottom] = [640, 300, 56, 90, 16, 40];
+  const logs = points.map((p) => Math.log10(p.bytes));
+  let [lo, hi] = [Math.min(...logs), Math.max(...logs)];
+  if (hi - lo < 0.2) { lo -= 0.1; hi += 0.1; }
+  lo -= 0.05 * (hi - lo);
+  hi += 0.05 * (hi - lo);
+  // The score axis ends at 1 and starts at a tenth below the lowest score (0 at the lowest), so close scores show apart.
+  const floor = Math.max(0, Math.floor((Math.min(...points.map(score)) - 0.05) * 10) / 10);
+  const x = (b) => left + ((Math.log10(b) - lo) / (hi - lo)) * (w - left - right);
+  const y = (v) => top + (1 - (v - floor) / (1 - floor)) * (h - top - bottom);
+  svg.append(node("line", { x1: left, y1: y(floor), x2: w - right, y2: y(floor), class: "axis" }),
+    node("line", { x1: left, y1: y(floor), x2: left, y2: y(1), class: "axis" }),
+    node("text", { x: left - 8, y: y(1) + 4, "text-anchor": "end" }, "1"),
+    node("text", { x: left - 8, y: y(floor) + 4, "text-anchor": "end" }, String(floor)),
+    node("text", { x: (left + w - right) / 2, y: h - 6, "text-anchor": "middle" }, "bytes in memory (log)"));
+  for (let i = 0; i <= 3; i++) {
+    const b = 10 ** (lo + ((hi - lo) * i) / 3);
+    svg.append(node("text", { x: x(b), y: y(floor) + 16, "text-anchor": "middle" }, bytes(b)));
+  }
+  const sorted = [...points].sort((a, b) => a.bytes - b.bytes);
+  const frontier = [];
+  for (const p of sorted) if (!frontier.length || score(p) > score(frontier[frontier.length - 1])) frontier.push(p);
+  const line = frontier.map((p) => `${x(p.bytes)},${y(score(p))}`).join(" ");
+  svg.append(node("polyline", { class: "frontier", points: line }));
+  for (const p of points) {
+    const [cx, cy] = [x(p.bytes), y(score(p))];
+    const attrs = { "data-encoder": p.encoder, "data-bytes": p.bytes, "data-score": score(p),
+                    class: "point" + (frontier.includes(p) ? " on-frontier" : "") };
+    const mark = p.quantization ? node("rect", { ...attrs, x: cx - 5, y: cy - 5, width: 10, height: 10 })
+      : node("circle", { ...attrs, cx, cy, r: 5 });
+    mark.append(node("title", {}, `${p.encoder}: ${(score(p) * (byAccuracy ? 100 : 1)).toFixed(byAccuracy ? 0 : 3)}` +
+      `${byAccuracy ? "%" : ""}, ${bytes(p.bytes)}`));
+    svg.append(mark, node("text", { x: cx + 8, y: cy - 8, class: "label" }, p.encoder));
+  }
+}
+
 function download(event) {
   if (!sessionStorage.getItem("t2i-key")) return;
   event.preventDefault();
