@@ -360,7 +360,7 @@ def cmd_world_eval(args: argparse.Namespace) -> None:
     from service.models.generation import Generator
     from service.models.registry import Registry
     from service.models.sizes import encoder_row
-    from trainer.world.accuracy import encoder_accuracy, held_out_prompts, plot_frontier
+    from trainer.world.accuracy import encoder_accuracy, held_out_prompts, markdown_table, plot_frontier
     from trainer.world.captions import novel_prompts
 
     registry = Registry.from_file(models_file(args))
@@ -372,7 +372,7 @@ def cmd_world_eval(args: argparse.Namespace) -> None:
         report[name]["bytes"] = encoder_row(registry.encoder(name)).bytes
         report[name]["quantization"] = q.describe() if (q := registry.encoder(name).quantization) else None
         print(f"{name}: " + ", ".join(f"{c} {v:.0%}" for c, v in report[name]["criteria"].items()), flush=True)
-    print(_json.dumps(report, indent=2))
+    print(markdown_table(report))
     if args.out:
         Path(args.out).write_text(_json.dumps(report, indent=2) + "\n")
     if args.chart:

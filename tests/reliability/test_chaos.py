@@ -50,6 +50,7 @@ def submit(api: httpx.Client, k: int, encoder: str = "t5-small", job: dict = JOB
 
 
 ENDED = ("succeeded", "failed", "cancelled")
+MAX_JOBS = 2000  # the most the worker-death test queues, however slow the machine
 
 
 def job_seconds(api: httpx.Client, k: int, encoder: str = "t5-small", job: dict = JOB) -> float:
@@ -125,14 +126,14 @@ def test_workers_killed_in_a_loop_lose_no_job(redis_aof, models_file, tmp_path):
     stack = Stack(redis_aof.url, models_file, tmp_path)
     rng = random.Random(0)
     try:
-        api_url = stack.start_api()
+        api_url = stack.start_api({"T2I_MAX_QUEUE": str(MAX_JOBS)})
         live = [stack.start_worker(worker_env) for _ in range(workers)]
         startups = [p.info["startup_s"] for p in live]
         with httpx.Client(base_url=api_url, timeout=60) as api:
             job_s = max(job_seconds(api, k, job=SLOW_JOB) for k in range(workers))
             # Enough work for every kill to land on a running job: about half the workers are replaced per start-up
             # time, so the queue must outlast kills_wanted / 2 start-ups (with a margin) on this machine as it is now.
-            jobs = max(min_jobs, math.ceil(1.5 * kills_wanted / 2 * max(startups) * workers / job_s))
+            jobs = min(MAX_JOBS, max(min_jobs, math.ceil(1.5 * kills_wanted / 2 * max(startups) * workers / job_s)))
             ids = [submit(api, k, job=SLOW_JOB) for k in range(jobs)]
 
             # 1. Faults: SIGKILL a worker that is ready and holding work, and start its replacement at once. Kills

@@ -50,6 +50,29 @@ def encoder_accuracy(generator: Generator, pipeline: str, encoder: str, prompts:
             "prompts": len(prompts), "seeds": seeds}
 
 
+def markdown_table(report: dict) -> str:
+    """One row per encoder: its size where known, then semantics, text rendering and every attribute, each with its
+    95% interval where the report has one."""
+    attributes = sorted({k for r in report.values() for k in r["attributes"]})
+    sizes = [k for k in ("params", "bytes") if any(r.get(k) for r in report.values())]
+    header = ["encoder", *sizes, "semantics", "text rendering", *attributes]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def cell(r: dict, key: str, value: float | None) -> str:
+        if value is None:
+            return "-"
+        low_high = r.get("intervals", {}).get(key)
+        return f"{value:.0%}" + (f" [{low_high[0]:.0%}, {low_high[1]:.0%}]" if low_high else "")
+
+    for name, r in report.items():
+        cells = [f"{r[k]:,}" if r.get(k) else "-" for k in sizes]
+        cells += [cell(r, "semantics", r["criteria"].get("semantics")),
+                  cell(r, "text_rendering", r["criteria"].get("text_rendering"))]
+        cells += [cell(r, a, r["attributes"].get(a)) for a in attributes]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_frontier(report: dict, bytes_of: dict[str, int], quantized: set[str], path) -> None:
     """Accuracy per criterion against each encoder's bytes in memory (log scale), with 95% intervals: students as
     circles, quantized encoders as squares, the frontier (nothing smaller scores higher) as a line."""
@@ -64,12 +87,13 @@ def plot_frontier(report: dict, bytes_of: dict[str, int], quantized: set[str], p
         names = sorted((n for n in report if n in bytes_of and criterion in report[n]["criteria"]),
                        key=lambda n: bytes_of[n])
         frontier, best = [], -1.0
-        for name in names:
+        for index, name in enumerate(names):
             value = report[name]["criteria"][criterion]
             low, high = report[name]["intervals"][criterion]
-            ax.errorbar(bytes_of[name], value, yerr=[[value - low], [high - value]], fmt="s" if name in quantized
+            ax.errorbar(bytes_of[name], value, yerr=[[max(0.0, value - low)], [max(0.0, high - value)]], fmt="s" if name in quantized
                         else "o", color="tab:orange" if name in quantized else "tab:blue", capsize=3)
-            ax.annotate(name, (bytes_of[name], value), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            ax.annotate(name, (bytes_of[name], value), textcoords="offset points", xytext=(5, 5 - 10 * (index % 3)),
+                        fontsize=8)  # staggered: encoders of near-equal size and score would overprint
             if value > best:
                 frontier.append((bytes_of[name], value))
                 best = value

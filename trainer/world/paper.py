@@ -20,7 +20,7 @@ from service.models.sizes import encoder_row
 from trainer.config import DistillConfig, load_config
 from trainer.distill import train
 from trainer.export import export
-from trainer.world.accuracy import encoder_accuracy, held_out_prompts, plot_accuracy
+from trainer.world.accuracy import encoder_accuracy, held_out_prompts, markdown_table, plot_accuracy
 from trainer.world.prompts import write_prompts
 
 RUNS = (("t5-large", "step-following"), ("t5-base", "step-following"), ("t5-small", "step-following"),
@@ -72,14 +72,7 @@ def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 2000, pr
 
 
 def results_table(report: dict) -> str:
-    attributes = sorted({k for r in report.values() for k in r["attributes"]})
-    header = "| encoder | parameters | semantics | text rendering | " + " | ".join(attributes) + " |"
-    lines = [header, "|" + "---|" * (len(attributes) + 4)]
-    for name, r in report.items():
-        cells = [f"{r['criteria'].get('semantics', 0):.0%}", f"{r['criteria'].get('text_rendering', 0):.0%}"]
-        cells += [f"{r['attributes'].get(a, 0):.0%}" for a in attributes]
-        lines.append(f"| {name} | {r['params']:,} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(report)
 
 
 def install_students(out_dir: str | Path, kit: str | Path) -> None:

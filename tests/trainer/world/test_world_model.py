@@ -88,3 +88,27 @@ def test_a_short_distillation_improves_a_students_accuracy(tmp_path):
     before = encoder_accuracy(generator, "flux", "untrained", prompts)["attributes"]
     after = encoder_accuracy(generator, "flux", "distilled", prompts)["attributes"]
     assert after["color"] >= before["color"] + 0.25, (before, after)
+
+
+def test_world_eval_reports_intervals_bytes_and_draws_the_frontier(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from service.cli import main
+
+    out, chart = tmp_path / "eval.json", tmp_path / "frontier.png"
+    assert main(["world", "eval", "--models-file", str(MINIATURE_KIT), "--encoder", "t5-xxl", "--encoder",
+                 "t5-xxl-nf4", "--encoder", "t5-small", "--prompts", "4", "--seeds", "2", "--steps", "4",
+                 "--out", str(out), "--chart", str(chart)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report) == ["t5-xxl", "t5-xxl-nf4", "t5-small"]
+    for name, r in report.items():
+        assert r["seeds"] == 2 and r["n"]["semantics"] == 6 and r["n"]["text_rendering"] == 2  # 3 + 1 prompts x 2
+        for key, (low, high) in r["intervals"].items():
+            value = r["criteria"].get(key, r["attributes"].get(key))
+            assert 0 <= low <= value <= high <= 1, (name, key)
+    assert report["t5-xxl-nf4"]["quantization"] == "bnb-nf4"
+    assert report["t5-small"]["bytes"] < report["t5-xxl-nf4"]["bytes"] < report["t5-xxl"]["bytes"]
+    assert Image.open(chart).size[0] > 500
+    assert "| t5-xxl-nf4 |" in capsys.readouterr().out
