@@ -123,6 +123,8 @@ def test_a_method_without_a_kernel_on_the_device_is_refused_at_load(registry):
 
 
 def test_a_missing_backend_package_is_named(registry, monkeypatch):
+    """A simulated fault, named as such: the package is installed here, so its absence is made by hiding it from
+    `importlib.util.find_spec`, which is what the check asks."""
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name))
     with pytest.raises(ModelLoadError, match="needs the 'bitsandbytes' package.*pip install bitsandbytes"):
