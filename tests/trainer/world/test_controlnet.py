@@ -66,4 +66,4 @@ def test_the_cli_evaluates_every_encoder_by_default(tmp_path, capsys):
     from service.models.registry import Registry
 
     assert sorted(report) == sorted(Registry.from_file(MINIATURE_KIT).encoders)  # the quantized teachers too
-    assert Image.open(tmp_path / "grid.png").size == (96 * 9, 20 + 96 * len(report) + 18)
+    assert Image.open(tmp_path / "grid.png").size == (96 * (1 + 2 * len(report)), 20 + 96 * 4 + 18)
