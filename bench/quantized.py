@@ -73,18 +73,12 @@ def measure(source: str, method: str | None, length: int, repeats: int, threads:
 
 
 def _load_model(spec):
-    """The weights exactly as `TextEncoder.load` loads them (no tokenizer: random weights have none)."""
+    """The weights exactly as the service loads them (no tokenizer: random weights have none)."""
     import torch
-    from transformers import AutoConfig, T5EncoderModel
 
-    from service.models.encoder import T5EncoderWithProjection, _is_student, quantization_of
-    from service.models.quantization import hf_config
+    from service.models.encoder import load_weights
 
-    config = AutoConfig.from_pretrained(spec.source)
-    quant = quantization_of(spec, config, "bench")
-    kwargs = {"quantization_config": hf_config(quant, torch.bfloat16)} if quant else {}
-    cls = T5EncoderWithProjection if _is_student(config) else T5EncoderModel
-    return cls.from_pretrained(spec.source, dtype=torch.bfloat16, device_map=spec.device, **kwargs).eval()
+    return load_weights(spec, torch.device(spec.device), torch.bfloat16, "bench")[0]
 
 
 def rows(xxl: str, layers: int, student: str, length: int, repeats: int, threads: int, device: str = "cpu",

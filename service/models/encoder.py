@@ -89,6 +89,40 @@ def quantization_of(spec: EncoderSpec, config, what: str) -> Quantization | None
     return wanted or on_disk
 
 
+def load_weights(spec: EncoderSpec, torch_device: torch.device, dtype: torch.dtype,
+                 what: str) -> tuple[torch.nn.Module, Quantization | None]:
+    """A student (T5 + projection) or a plain T5 encoder, told apart by the config, on `torch_device` in eval mode;
+    quantized as it loads when the models file says so, or already quantized on disk (which must agree)."""
+    spec.check_local(what)
+    try:
+        config = AutoConfig.from_pretrained(spec.source, **spec.hf_kwargs())
+    except Exception as exc:  # missing files, a config that is not T5, ...
+        raise ModelLoadError(f"{what}: cannot load weights from {spec.describe()}: {exc}", field=what) from exc
+    quantization = quantization_of(spec, config, what)
+    kwargs = dict(spec.hf_kwargs())
+    if quantization is not None:
+        check_backend(quantization, what)
+        check_device(quantization, torch_device, what)
+        with init_empty_weights(include_buffers=True):
+            check_shapes(quantization, build_t5(config), torch_device, what)
+        kwargs["device_map"] = str(torch_device)  # quantized weights are placed as they load, never moved
+        if getattr(config, "quantization_config", None) is None:
+            kwargs["quantization_config"] = hf_config(quantization, dtype)
+    model_cls = T5EncoderWithProjection if _is_student(config) else T5EncoderModel
+    try:
+        model = model_cls.from_pretrained(spec.source, dtype=dtype, **kwargs)
+    except Exception as exc:  # missing files, a corrupt safetensors header, a backend that fails, ...
+        gc.collect()  # nothing half-loaded stays
+        raise ModelLoadError(f"{what}: cannot load weights from {spec.describe()}"
+                             f"{f' with quantization {quantization.describe()}' if quantization else ''}: {exc}",
+                             field=what) from exc
+    if quantization is None:
+        model.to(torch_device)
+    else:
+        model.tie_weights()  # a device_map load can leave the student's tied embedding as two copies
+    return model.eval().requires_grad_(False), quantization
+
+
 def _is_student(config) -> bool:
     return "T5EncoderWithProjection" in (getattr(config, "architectures", None) or []) or hasattr(
         config, "project_out_dim"
@@ -123,36 +157,8 @@ class TextEncoder:
         # 2. Tokenizer first: it is cheap and a wrong one makes the weights useless.
         tokenizer = load_tokenizer(spec.tokenizer_source, what)
 
-        # 3. Weights: a student (T5 + projection) or a plain T5 encoder, told apart by the config; quantized as they
-        #    load when the models file says so, or already quantized on disk (which must agree with the file).
-        spec.check_local(what)
-        try:
-            config = AutoConfig.from_pretrained(spec.source, **spec.hf_kwargs())
-        except Exception as exc:  # missing files, a config that is not T5, ...
-            raise ModelLoadError(f"{what}: cannot load weights from {spec.describe()}: {exc}", field=what) from exc
-        quantization = quantization_of(spec, config, what)
-        kwargs = dict(spec.hf_kwargs())
-        if quantization is not None:
-            check_backend(quantization, what)
-            check_device(quantization, torch_device, what)
-            with init_empty_weights(include_buffers=True):
-                check_shapes(quantization, build_t5(config), torch_device, what)
-            kwargs["device_map"] = str(torch_device)  # quantized weights are placed as they load, never moved
-            if getattr(config, "quantization_config", None) is None:
-                kwargs["quantization_config"] = hf_config(quantization, dtype)
-        model_cls = T5EncoderWithProjection if _is_student(config) else T5EncoderModel
-        try:
-            model = model_cls.from_pretrained(spec.source, dtype=dtype, **kwargs)
-        except Exception as exc:  # missing files, a corrupt safetensors header, a backend that fails, ...
-            gc.collect()  # nothing half-loaded stays
-            raise ModelLoadError(f"{what}: cannot load weights from {spec.describe()}"
-                                 f"{f' with quantization {quantization.describe()}' if quantization else ''}: {exc}",
-                                 field=what) from exc
-        if quantization is None:
-            model.to(torch_device)
-        else:
-            model.tie_weights()  # a device_map load can leave the student's tied embedding as two copies
-        model.eval().requires_grad_(False)
+        # 3. Weights, quantized as the models file or the directory says.
+        model, quantization = load_weights(spec, torch_device, dtype, what)
 
         # 4. The ids the tokenizer makes must exist in the embedding table.
         vocab_rows = model.get_input_embeddings().num_embeddings
