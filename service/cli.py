@@ -80,10 +80,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from service.models.generation import GenerationRequest, Generator
     from service.models.registry import Registry
 
+    from service.models.routing import decide
+
     registry = Registry.from_file(models_file(args))
+    encoder = args.encoder
+    if (route := registry.route(encoder)) is not None:  # here every encoder is at hand: rules and default only
+        decision = decide(route, args.prompt)
+        encoder = decision.encoder
+        print(f"route {route.name}: {decision.rule} -> {encoder}", file=sys.stderr)
     generator = Generator(registry, device=args.device, encoder_device=args.encoder_device)
     request = GenerationRequest(
-        prompt=args.prompt, pipeline=args.pipeline, encoder=args.encoder, width=args.width, height=args.height,
+        prompt=args.prompt, pipeline=args.pipeline, encoder=encoder, width=args.width, height=args.height,
         steps=args.steps, guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt,
         num_images=args.num_images, loras=tuple(_lora_ref(ref) for ref in args.lora),
         control=_control(args),
@@ -138,13 +145,20 @@ def cmd_models_list(args: argparse.Namespace) -> None:
     rows = [("pipeline", pipeline_row(s)) for s in registry.pipelines.values()]
     rows += [("encoder", encoder_row(s)) for s in registry.encoders.values()]
     if args.json:
-        print(json.dumps([{"type": t, **r.__dict__} for t, r in rows], indent=2))
+        routes = [{"type": "route", **r.model_dump()} for r in registry.routes.values()]
+        print(json.dumps([{"type": t, **r.__dict__} for t, r in rows] + routes, indent=2))
         return
     _print_table(
         ["type", "name", "params", "bytes", "dtype", "quantization", "width", "device", "source", "note"],
         [[t, r.name, _count(r.params), _size(r.bytes), r.dtype, r.quantization or "-", r.width or "?", r.device,
           r.source, r.note] for t, r in rows],
     )
+    for route in registry.routes.values():
+        print(f"\nroute {route.name} (use it as an encoder name):")
+        for rule in route.rules:
+            print(f"  {rule.describe()}")
+        print(f"  otherwise -> {route.default}; fallback: {', '.join(route.fallback)}"
+              + (f"; max_queue_depth {route.max_queue_depth}" if route.max_queue_depth is not None else ""))
 
 
 def cmd_models_quantize(args: argparse.Namespace) -> None:
@@ -368,10 +382,16 @@ def cmd_world_eval(args: argparse.Namespace) -> None:
     prompts = novel_prompts(args.prompts) if args.novel else held_out_prompts(args.prompts)
     report = {}
     for name in args.encoder or list(registry.encoders):
+        route = registry.route(name)
         report[name] = encoder_accuracy(generator, args.pipeline, name, prompts, steps=args.steps, seeds=args.seeds)
-        report[name]["bytes"] = encoder_row(registry.encoder(name)).bytes
-        report[name]["quantization"] = q.describe() if (q := registry.encoder(name).quantization) else None
-        print(f"{name}: " + ", ".join(f"{c} {v:.0%}" for c, v in report[name]["criteria"].items()), flush=True)
+        routed = report[name]["routed"]
+        # bytes: the encoder's; for a route, the mean over its jobs of the bytes of the encoder each ran on
+        report[name]["bytes"] = round(sum(encoder_row(registry.encoder(n)).bytes * k for n, k in routed.items())
+                                      / sum(routed.values()))
+        report[name]["quantization"] = (q.describe() if route is None and (q := registry.encoder(name).quantization)
+                                        else None)
+        print(f"{name}: " + ", ".join(f"{c} {v:.0%}" for c, v in report[name]["criteria"].items())
+              + (f" (jobs: {routed})" if route is not None else ""), flush=True)
     print(markdown_table(report))
     if args.out:
         Path(args.out).write_text(_json.dumps(report, indent=2) + "\n")
@@ -470,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", parents=[common], help="generate an image")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--pipeline", default="flux", help="registry name of the pipeline (default: flux)")
-    gen.add_argument("--encoder", default=None, help="registry name of the T5 encoder (default: the teacher)")
+    gen.add_argument("--encoder", default=None,
+                     help="registry name of the T5 encoder, or a route such as `auto` (default: the teacher)")
     gen.add_argument("-o", "--output", default="out.png", help="image path (.png, .webp, .jpg)")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--width", type=int)
@@ -547,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     wp.add_argument("--seed", type=int, default=0)
     wp.set_defaults(func=cmd_world_prompts)
     we = world.add_parser("eval", parents=[common], help="the evaluator's accuracy per encoder on held-out prompts")
-    we.add_argument("--encoder", action="append", help="encoder to evaluate (repeat; default: all)")
+    we.add_argument("--encoder", action="append",
+                    help="encoder or route (e.g. auto) to evaluate (repeat; default: every encoder)")
     we.add_argument("--pipeline", default="flux")
     we.add_argument("--prompts", type=int, default=120)
     we.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")

@@ -60,7 +60,8 @@ class CompareParams(BaseModel):
 
     prompts: list[str] | None = Field(None, max_length=64, description="The prompts; or name a `prompt_set`.")
     prompt_set: str | None = Field(None, description=f"A built-in set: {', '.join(PROMPT_SETS)}.")
-    encoders: list[str] = Field(min_length=2, max_length=8, description="The encoders to compare (2 or more).")
+    encoders: list[str] = Field(min_length=2, max_length=8, description="The encoders to compare (2 or more); a "
+                                                                           "route (such as `auto`) is a column too.")
     reference: str | None = Field(None, description="Scored against this encoder (default: the teacher); it is "
                                                     "added to `encoders` when missing.")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=8,
@@ -122,6 +123,7 @@ class EncoderResult(BaseModel):
     encode_s: float | None = None
     total_s: float | None = None
     peak_memory_bytes: int | None = None
+    ran_on: str | None = Field(None, description="A route's column: the encoder the route chose for this job.")
 
 
 class Cell(BaseModel):
@@ -148,8 +150,10 @@ class EncoderSummary(BaseModel):
     job_p95_s: float | None = None
     peak_memory_bytes: int | None = None
     params: int | None = None
-    bytes: int | None = Field(None, description="The encoder's weights as held in memory (quantized ones as stored).")
+    bytes: int | None = Field(None, description="The encoder's weights as held in memory (quantized ones as stored); "
+                                                "for a route, the mean over its jobs of the encoder each ran on.")
     quantization: str | None = Field(None, description="The quantization method, for a quantized encoder.")
+    routed: dict[str, int] | None = Field(None, description="A route's column: its jobs per encoder it chose.")
 
 
 class PairSummary(BaseModel):

@@ -40,9 +40,11 @@ class ValidationError(T2IError):
 class UnknownNameError(ValidationError):
     """A pipeline, encoder or other registry name that does not exist; the message lists the known names."""
 
-    def __init__(self, what: str, name: str, known: list[str], *, field: str | None = None):
+    def __init__(self, what: str, name: str, known: list[str], *, field: str | None = None,
+                 routes: list[str] | None = None):
         known_list = ", ".join(sorted(known)) or "(none)"
-        super().__init__(f"unknown {what} {name!r}; known: {known_list}", field=field or what)
+        also = f"; routes: {', '.join(sorted(routes))}" if routes else ""
+        super().__init__(f"unknown {what} {name!r}; known: {known_list}{also}", field=field or what)
 
 
 class ConfigError(T2IError):

@@ -87,7 +87,8 @@ class GenerateParams(BaseModel):
 
     prompt: str = Field(min_length=1, description="What to draw.")
     pipeline: str = Field("flux", description="Registry name of the pipeline (see GET /v1/pipelines).")
-    encoder: str | None = Field(None, description="Registry name of the T5 encoder; default: the teacher.")
+    encoder: str | None = Field(None, description="Registry name of the T5 encoder, or of a route such as `auto` "
+                                                  "(an encoder per prompt); default: the teacher.")
     width: int | None = Field(None, ge=16, le=2048, description="Pixels; default: the pipeline's.")
     height: int | None = Field(None, ge=16, le=2048, description="Pixels; default: the pipeline's.")
     steps: int | None = Field(None, ge=1, le=100, description="Denoising steps; default: the pipeline's.")
@@ -99,6 +100,17 @@ class GenerateParams(BaseModel):
     loras: list[LoraRef] = Field(default_factory=list, max_length=4,
                                  description="LoRA adapters for this job, by registry name, with scales.")
     control: ControlRef | None = Field(None, description="A ControlNet and its control image for this job.")
+
+
+class Routing(BaseModel):
+    """What a route decided for a job (see service.models.routing.Decision, which the API stores)."""
+
+    route: str
+    encoder: str = Field(description="The encoder the job runs on.")
+    picked: str = Field(description="What the route's rules (or its default) chose, before any fallback.")
+    rule: str = Field(description="The rule that matched, or `default`.")
+    reason: str = Field(description="The rule's name, `default`, `fallback-no-worker` or `fallback-queue-depth`.")
+    detail: str | None = Field(None, description="Why the encoders before it were passed over.")
 
 
 class JobError(BaseModel):
@@ -114,6 +126,7 @@ class JobView(BaseModel):
     position: int | None = Field(None, description="Jobs ahead of this one in the queue (0 = next); queued only.")
     pipeline: str
     encoder: str
+    routing: Routing | None = Field(None, description="Set when the request named a route: what it decided, and why.")
     seed: int | None = None
     worker: str | None = None
     attempts: int = 0
@@ -155,6 +168,7 @@ def job_view(fields: dict[str, str], *, position: int | None, base_url: str) -> 
         position=position if status == JobStatus.queued else None,
         pipeline=request["pipeline"],
         encoder=request["encoder"],
+        routing=request.get("routing"),
         seed=int(fields["seed"]) if fields.get("seed") else request.get("seed"),
         worker=fields.get("worker"),
         attempts=int(fields.get("attempts", 0)),

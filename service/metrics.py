@@ -75,6 +75,10 @@ WORKERS_LIVE = Gauge("t2i_workers_live", "Workers whose heartbeat is fresh.")
 REQUESTS = Counter(
     "t2i_api_requests_total", "API requests that submit work, by outcome.", ["endpoint", "status"]
 )
+ROUTE_DECISIONS = Counter(
+    "t2i_route_decisions_total", "Jobs a route sent to an encoder, by reason: the rule's name, `default`, "
+    "`fallback-no-worker` or `fallback-queue-depth`.", ["route", "encoder", "reason"],
+)
 JOBS_REDELIVERED = Counter(
     "t2i_jobs_redelivered_total", "Jobs taken over from a worker that stopped answering.", ["pipeline", "encoder"]
 )

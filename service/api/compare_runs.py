@@ -56,9 +56,11 @@ class CompareRuns:
 
     # -- creating ----------------------------------------------------------------------------------------------
     async def create(self, params: CompareParams, prompts: list[str], encoders: list[str], reference: str,
-                     request: dict) -> str:
+                     request: dict, routed: dict[str, list[dict]] | None = None) -> str:
         """Enqueue every prompt x seed x encoder job (same seed, so the same initial noise, for every encoder) and
-        store the run. `request` is the generation request every job shares, less prompt, encoder and seed."""
+        store the run. `request` is the generation request every job shares, less prompt, encoder and seed.
+        `routed[column][i]`: a route column's decision for prompt i (its jobs run on the encoder decided)."""
+        routed = routed or {}
         run_id = secrets.token_urlsafe(12)
         jobs: dict[str, dict[str, str]] = {}
         enqueued: list[str] = []
@@ -67,9 +69,15 @@ class CompareRuns:
                 for seed in params.seeds:
                     cell = jobs.setdefault(f"{i}:{seed}", {})
                     for encoder in encoders:
-                        job_id, _ = await self.queue.enqueue(
-                            {**request, "prompt": prompt, "encoder": encoder, "seed": seed},
-                            result_ttl_s=self.ttl_s, keep_embedding=True, owner=self.owner)
+                        job = {**request, "prompt": prompt, "encoder": encoder, "seed": seed}
+                        if encoder in routed:
+                            job.update(encoder=routed[encoder][i]["encoder"], routing=routed[encoder][i])
+                        job_id, _ = await self.queue.enqueue(job, result_ttl_s=self.ttl_s, keep_embedding=True,
+                                                             owner=self.owner)
+                        if encoder in routed:
+                            decision = routed[encoder][i]
+                            metrics.ROUTE_DECISIONS.labels(decision["route"], decision["encoder"],
+                                                           decision["reason"]).inc()
                         cell[encoder] = job_id
                         enqueued.append(job_id)
         except Exception:
@@ -78,7 +86,7 @@ class CompareRuns:
             raise
         run = {"id": run_id, "title": params.title, "created_at": time.time(), "pipeline": params.pipeline,
                "prompt_set": params.prompt_set, "prompts": prompts, "seeds": params.seeds, "encoders": encoders,
-               "reference": reference, "jobs": jobs, "params": params.model_dump(exclude={"control"}),
+               "reference": reference, "jobs": jobs, "routes": sorted(routed), "params": params.model_dump(exclude={"control"}),
                "owner": self.owner}
         pipe = self.client.pipeline(transaction=True)
         pipe.set(queue.compare_key(run_id), json.dumps(run), ex=self.ttl_s)
@@ -169,10 +177,12 @@ class CompareRuns:
             f = fields[encoder]
             status = f.get("status", "failed")
             timings = json.loads(f.get("timings", "{}"))
+            ran_on = json.loads(f["request"])["encoder"] if "request" in f else None
             result = EncoderResult(
                 job_id=job_id, status=status, error=f.get("error"), encode_s=timings.get("encode"),
                 total_s=timings.get("total"),
-                peak_memory_bytes=int(f["peak_memory_bytes"]) if f.get("peak_memory_bytes") else None)
+                peak_memory_bytes=int(f["peak_memory_bytes"]) if f.get("peak_memory_bytes") else None,
+                ran_on=ran_on if ran_on != encoder else None)
             if status == JobStatus.succeeded.value:
                 result.image = f"{base_url}/v1/jobs/{job_id}/images/0"
                 if final:
@@ -300,6 +310,13 @@ def _encoder_summaries(run: dict, cells: list[Cell], facts: dict[str, dict]) -> 
         encode = [r.encode_s for r in ok if r.encode_s is not None]
         total = [r.total_s for r in ok if r.total_s is not None]
         memory = [r.peak_memory_bytes for r in ok if r.peak_memory_bytes is not None]
+        facts_of = facts.get(encoder, {})
+        routed = None
+        if encoder in run.get("routes", []):  # a route's column: what it chose, and the mean bytes paid per job
+            ran = [r.ran_on or encoder for r in rows]
+            routed = {name: ran.count(name) for name in sorted(set(ran))}
+            sizes = [facts.get(name, {}).get("bytes") for name in ran]
+            facts_of = {"bytes": round(float(np.mean(sizes))) if sizes and None not in sizes else None}
         out.append(EncoderSummary(
             encoder=encoder, is_reference=encoder == run["reference"], jobs=len(rows), succeeded=len(ok),
             failed=sum(r.status in ("failed", "cancelled") for r in rows),
@@ -309,6 +326,6 @@ def _encoder_summaries(run: dict, cells: list[Cell], facts: dict[str, dict]) -> 
             accuracy=mean([float(all(j.values())) for j in judged]),
             encode_p50_s=percentile(encode, 50), encode_p95_s=percentile(encode, 95),
             job_p50_s=percentile(total, 50), job_p95_s=percentile(total, 95),
-            peak_memory_bytes=max(memory) if memory else None, params=facts.get(encoder, {}).get("params"),
-            bytes=facts.get(encoder, {}).get("bytes"), quantization=facts.get(encoder, {}).get("quantization")))
+            peak_memory_bytes=max(memory) if memory else None, params=facts_of.get("params"),
+            bytes=facts_of.get("bytes"), quantization=facts_of.get("quantization"), routed=routed))
     return out

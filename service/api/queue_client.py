@@ -108,6 +108,18 @@ class QueueClient:
         self._workers_at = time.monotonic()
         return self._workers
 
+    async def waiting(self, pipeline: str, encoders: list[str]) -> dict[str, int]:
+        """Jobs queued for each (pipeline, encoder) and not yet handed to a worker: its stream group's lag, read in
+        one round trip (0 for a stream that does not exist yet)."""
+        pipe = self.client.pipeline(transaction=False)
+        for name in encoders:
+            pipe.xinfo_groups(queue.stream_key(pipeline, name))
+        out = {}
+        for name, groups in zip(encoders, await pipe.execute(raise_on_error=False)):
+            group = next((g for g in groups if _s(g["name"]) == queue.GROUP), None) if isinstance(groups, list) else None
+            out[name] = int(group.get("lag") or 0) if group else 0
+        return out
+
     async def _read_workers(self) -> list[dict]:
         ids = [_s(i) for i in await self.client.zrange(queue.WORKERS, 0, -1)]
         if not ids:

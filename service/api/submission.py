@@ -8,12 +8,14 @@ from __future__ import annotations
 import base64
 import binascii
 
+from service import metrics
 from service.api.auth import Caller, admit, track
 from service.api.queue_client import ANONYMOUS, QueueClient
 from service.errors import UnavailableError, ValidationError
 from service.jobs import ControlRef, GenerateParams
 from service.models.control import decode_image
 from service.models.registry import Registry
+from service.models.routing import Decision, RouteSpec, decide
 from service.settings import Settings
 
 
@@ -26,6 +28,9 @@ async def submit(params: GenerateParams, *, registry: Registry, queue: QueueClie
     job_id, created = await queue.enqueue(request, idempotency_key, owner=caller.owner)
     if created:
         await track(queue, settings, caller, [job_id])
+        if "routing" in request:
+            decision = request["routing"]
+            metrics.ROUTE_DECISIONS.labels(decision["route"], decision["encoder"], decision["reason"]).inc()
     return job_id, created
 
 
@@ -36,14 +41,16 @@ def pixel_steps(params: GenerateParams, registry: Registry) -> int:
             * (params.steps or spec.steps))
 
 
-async def check(params: GenerateParams, *, registry: Registry, queue: QueueClient, settings: Settings) -> str:
-    """Every check a job must pass before it is queued; returns the encoder name (the teacher when none is given)."""
-    # 1. Names: both must be registry names (nothing from a request ever becomes a path or a source).
+async def check(params: GenerateParams, *, registry: Registry, queue: QueueClient,
+                settings: Settings) -> tuple[str, Decision | None]:
+    """Every check a job must pass before it is queued. Returns the encoder it runs on (the teacher when none is
+    given) and, when the request named a route, the route's decision."""
+    # 1. Names: registry names only (nothing from a request ever becomes a path or a source); a route is a name too.
     spec = registry.pipeline(params.pipeline)
-    encoder = params.encoder or (registry.teacher.name if registry.teacher else None)
-    if encoder is None:
+    name = params.encoder or (registry.teacher.name if registry.teacher else None)
+    if name is None:
         raise ValidationError("`encoder` is required: the registry has no teacher to default to", field="encoder")
-    registry.encoder(encoder)
+    route = registry.route(name)
 
     # 2. Bounds that depend on settings or the pipeline.
     if len(params.prompt) > settings.max_prompt_chars:
@@ -60,25 +67,32 @@ async def check(params: GenerateParams, *, registry: Registry, queue: QueueClien
     names = [ref.name for ref in params.loras]
     if len(set(names)) != len(names):
         raise ValidationError(f"`loras` names an adapter twice: {names}", field="loras")
-    for name in names:
-        registry.lora(name, spec.name)
+    for lora in names:
+        registry.lora(lora, spec.name)
     if params.control is not None:
         control = registry.controlnet(params.control.name, spec.name)
         control.mode_index(params.control.mode)
 
-    # 3. A live worker must serve this pipeline with this encoder; its facts give the size multiple.
-    def serving_in(workers: list[dict]) -> list[dict]:
-        return [w for w in workers if params.pipeline in w["pipelines"] and encoder in w["encoders"]]
-
-    serving = serving_in(await queue.live_workers(max_age_s=1.0))
-    if not serving:  # the list read a moment ago may predate a worker that has just started
-        workers = await queue.live_workers()
-        serving = serving_in(workers)
-    if not serving:
-        raise UnavailableError(
-            f"no live worker serves encoder {encoder!r} with pipeline {params.pipeline!r} "
-            f"({len(workers)} live worker(s))", field="encoder",
-        )
+    # 3. A live worker must serve this pipeline with the encoder (for a route: the encoder it decides on, from the
+    #    prompt, the live workers and their queues); the worker's facts give the size multiple.
+    workers = await queue.live_workers(max_age_s=1.0)
+    decision, encoder = None, name
+    for fresh in (False, True):  # the list read a moment ago may predate a worker that has just started
+        if fresh:
+            workers = await queue.live_workers()
+        if route is not None:
+            decision = await decide_route(route, params, workers, queue)
+            if decision is None:
+                continue
+            encoder = decision.encoder
+        serving = [w for w in workers if params.pipeline in w["pipelines"] and encoder in w["encoders"]]
+        if serving:
+            break
+    else:
+        what = (f"any encoder of route {name!r} ({', '.join(route.encoders)})" if route is not None
+                else f"encoder {encoder!r}")
+        raise UnavailableError(f"no live worker serves {what} with pipeline {params.pipeline!r} "
+                               f"({len(workers)} live worker(s))", field="encoder")
     multiple = serving[0]["pipelines"][params.pipeline]["size_multiple"]
     for field in ("width", "height"):
         value = getattr(params, field)
@@ -87,18 +101,30 @@ async def check(params: GenerateParams, *, registry: Registry, queue: QueueClien
                 f"`{field}`={value} is not a multiple of {multiple}, which pipeline {params.pipeline!r} needs",
                 field=field,
             )
-    return encoder
+    return encoder, decision
+
+
+async def decide_route(route: RouteSpec, params: GenerateParams, workers: list[dict],
+                       queue: QueueClient) -> Decision | None:
+    """The route's decision for this request, against these live workers (and the queue depths, read only when the
+    route bounds them); None when no worker serves any of its encoders."""
+    served = {name for w in workers if params.pipeline in w["pipelines"] for name in w["encoders"]}
+    waiting = (await queue.waiting(params.pipeline, [n for n in route.encoders if n in served])
+               if route.max_queue_depth is not None else {})
+    return decide(route, params.prompt, serves=served.__contains__, depth=lambda n: waiting.get(n, 0))
 
 
 async def prepare(params: GenerateParams, *, registry: Registry, queue: QueueClient, settings: Settings,
                   owner: str = ANONYMOUS) -> dict:
     """The checked job request as it is queued. An inline control image is checked and stored as an upload, so the
     queued job carries an id only."""
-    encoder = await check(params, registry=registry, queue=queue, settings=settings)
+    encoder, decision = await check(params, registry=registry, queue=queue, settings=settings)
     if params.control is not None:
         params = params.model_copy(update={"control": await store_control(params.control, queue, settings, owner)})
     request = params.model_dump()
     request["encoder"] = encoder
+    if decision is not None:
+        request["routing"] = decision.model_dump()
     return request
 
 

@@ -37,11 +37,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from transformers import T5EncoderModel, T5Tokenizer
 
 from service.models.student import T5EncoderWithProjection
-from service.models.registry import quantized_teacher_entries
+from service.models.registry import auto_route, quantized_teacher_entries
 
 TEACHER_WIDTH = 64
 CLIP_WIDTH = 32
-KIT_VERSION = 2  # bump when the kit's contents change
+KIT_VERSION = 3  # bump when the kit's contents change
 DEMO_SIZE = 64  # pixels; the VAE downsamples by 4 and FLUX packs 2x2, so sizes are multiples of 8
 
 
@@ -322,6 +322,7 @@ def models_file_dict() -> dict:
             f"{p}-canny": {"pipeline": p, "source": f"./controlnets/{p}-canny", "condition": "canny", "scale": 1.0}
             for p in ("flux", "sd3")
         },
+        "routes": auto_route(TEACHER.role),
     }
 
 

@@ -24,6 +24,11 @@ A models file looks like::
       flux-style: {pipeline: flux, source: ./loras/flux-style, weight_name: pytorch_lora_weights.safetensors}
     controlnets:                      # ControlNets, chosen per request
       flux-canny: {pipeline: flux, source: ./controlnets/flux-canny, condition: canny, scale: 1.0}
+    routes:                           # `encoder=auto`: an encoder per prompt (service.models.routing)
+      auto:
+        rules: [{name: written-text, text: true, encoder: t5-xxl-int8}]
+        default: t5-base
+        fallback: [t5-xxl-int8, t5-xxl]
 
 See `models.example.yaml` for the real checkpoints.
 """
@@ -38,6 +43,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError as PydanticValidationError, model_validator
 
 from service.errors import ConfigError, UnknownNameError
+from service.models.routing import RouteSpec
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -148,6 +154,15 @@ def quantized_teacher_entries(teacher: str, body: dict) -> dict[str, dict]:
             for suffix, method in TEACHER_QUANTIZED.items()}
 
 
+def auto_route(teacher: str, student: str = "t5-base", second: str = "t5-large") -> dict[str, dict]:
+    """The kits' `auto` route (models-file form): prompts that ask for written text to the teacher, the rest to the
+    `student`; when the pick has no live worker, the teacher's int8 form, the teacher, the `second` student, then the
+    `student` (quality first: a fallback never serves a prompt with a smaller encoder than the pick unless nothing
+    bigger is live)."""
+    return {"auto": {"rules": [{"name": "written-text", "text": True, "encoder": teacher}], "default": student,
+                     "fallback": [f"{teacher}-int8", teacher, second, student]}}
+
+
 class Quantization(BaseModel):
     """How an encoder's weights are quantized when it loads (or were, for a pre-quantized directory)."""
 
@@ -249,6 +264,7 @@ class ModelsFile(BaseModel):
     encoders: dict[str, dict] = Field(default_factory=dict)
     loras: dict[str, dict] = Field(default_factory=dict)
     controlnets: dict[str, dict] = Field(default_factory=dict)
+    routes: dict[str, dict] = Field(default_factory=dict)
 
 
 class Registry(BaseModel):
@@ -260,6 +276,7 @@ class Registry(BaseModel):
     encoders: dict[str, EncoderSpec]
     loras: dict[str, LoraSpec] = Field(default_factory=dict)
     controlnets: dict[str, ControlNetSpec] = Field(default_factory=dict)
+    routes: dict[str, RouteSpec] = Field(default_factory=dict)
     path: Path | None = None
 
     @model_validator(mode="after")
@@ -272,6 +289,17 @@ class Registry(BaseModel):
                 if spec.pipeline not in self.pipelines:
                     raise ValueError(f"{section}.{spec.name}.pipeline: unknown pipeline {spec.pipeline!r}; known: "
                                      f"{', '.join(sorted(self.pipelines))}")
+        for route in self.routes.values():
+            if route.name in self.encoders:
+                raise ValueError(f"routes.{route.name}: the route's name shadows the encoder {route.name!r}; "
+                                 "name the route differently")
+            for name in route.encoders:
+                if name in self.routes:
+                    raise ValueError(f"routes.{route.name}: names the route {name!r}; a route names encoders only "
+                                     f"(a route of routes could form a cycle: {route.name} -> {name})")
+                if name not in self.encoders:
+                    raise ValueError(f"routes.{route.name}: unknown encoder {name!r}; known: "
+                                     f"{', '.join(sorted(self.encoders))}")
         return self
 
     # -- lookups -----------------------------------------------------------------------------------------------
@@ -282,8 +310,15 @@ class Registry(BaseModel):
 
     def encoder(self, name: str) -> EncoderSpec:
         if name not in self.encoders:
-            raise UnknownNameError("encoder", name, list(self.encoders))
+            raise UnknownNameError("encoder", name, list(self.encoders), routes=list(self.routes))
         return self.encoders[name]
+
+    def route(self, name: str) -> RouteSpec | None:
+        """The route of that name; None for an encoder's name; 422 listing encoders and routes otherwise."""
+        if name in self.routes:
+            return self.routes[name]
+        self.encoder(name)
+        return None
 
     def lora(self, name: str, pipeline: str) -> LoraSpec:
         """A LoRA by name, refused when it belongs to another pipeline."""
@@ -335,7 +370,7 @@ class Registry(BaseModel):
         try:
             parsed = ModelsFile.model_validate(raw)
             sections = (("pipelines", PipelineSpec), ("encoders", EncoderSpec), ("loras", LoraSpec),
-                        ("controlnets", ControlNetSpec))
+                        ("controlnets", ControlNetSpec), ("routes", RouteSpec))
             specs: dict[str, dict] = {section: {} for section, _ in sections}
             for section, spec_cls in sections:
                 for name, body in getattr(parsed, section).items():

@@ -68,7 +68,7 @@ def test_every_query_uses_declared_metrics_and_labels(path):
     for needed in ("t2i_encode_duration_seconds_bucket", "t2i_job_duration_seconds_bucket", "t2i_jobs_total",
                    "t2i_encoder_resident_bytes", "t2i_job_peak_memory_bytes", "t2i_queue_depth",
                    "t2i_queue_wait_duration_seconds_bucket", "t2i_workers_live", "t2i_ab_votes_total",
-                   "t2i_embedding_cache_requests_total", "t2i_batch_size_bucket"):
+                   "t2i_embedding_cache_requests_total", "t2i_batch_size_bucket", "t2i_route_decisions_total"):
         assert needed in used, f"no panel uses {needed}"
 
 

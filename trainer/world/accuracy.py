@@ -15,6 +15,7 @@ import numpy as np
 
 from service.compare import wilson
 from service.models.generation import GenerationRequest, Generator
+from service.models.routing import decide
 from trainer.world.captions import EVAL_SEED, held_out_prompts, parse  # noqa: F401 (re-exported)
 from trainer.world.evaluator import accuracy, score
 
@@ -28,15 +29,22 @@ SEED_STRIDE = 100_000  # seed s of prompt i draws its noise from seed s * SEED_S
 
 def encoder_accuracy(generator: Generator, pipeline: str, encoder: str, prompts: list[str], seed: int = 0,
                      steps: int | None = None, seeds: int = 1) -> dict:
-    """Per attribute and per criterion accuracy of one encoder over the prompts, each drawn with `seeds` seeds, with
-    95% Wilson intervals (`intervals`) and the number of images behind each figure (`n`)."""
-    by_attribute, by_criterion = [], defaultdict(list)
+    """Per attribute and per criterion accuracy of one encoder (or route: each prompt on the encoder the route picks)
+    over the prompts, each drawn with `seeds` seeds, with 95% Wilson intervals (`intervals`), the number of images
+    behind each figure (`n`), the jobs per encoder that ran (`routed`) and the mean T5 encode time per job
+    (`encode_s`, every encoder loaded before timing)."""
+    route = generator.registry.routes.get(encoder)
+    ran_on = [decide(route, p).encoder if route is not None else encoder for p in prompts]
+    for name in dict.fromkeys(ran_on):
+        generator.load(pipeline, name)
+    by_attribute, by_criterion, encode_s = [], defaultdict(list), []
     for s in range(seeds):
         for i, prompt in enumerate(prompts):
             truth = parse(prompt)
-            image = generator.generate(GenerationRequest(prompt=prompt, pipeline=pipeline, encoder=encoder,
-                                                         seed=seed + s * SEED_STRIDE + i, steps=steps)).images[0]
-            result = score(np.asarray(image.convert("RGB")), truth)
+            result = generator.generate(GenerationRequest(prompt=prompt, pipeline=pipeline, encoder=ran_on[i],
+                                                          seed=seed + s * SEED_STRIDE + i, steps=steps))
+            encode_s.append(result.timings["encode"])
+            result = score(np.asarray(result.images[0].convert("RGB")), truth)
             by_attribute.append(result)
             by_criterion[criterion_of(truth["kind"])].append(all(result.values()))
     counts = {c: (int(sum(v)), len(v)) for c, v in sorted(by_criterion.items())}
@@ -47,15 +55,19 @@ def encoder_accuracy(generator: Generator, pipeline: str, encoder: str, prompts:
             "criteria": {c: float(np.mean(v)) for c, v in sorted(by_criterion.items())},
             "intervals": {k: list(wilson(*kn)) for k, kn in sorted(counts.items())},
             "n": {k: kn[1] for k, kn in sorted(counts.items())},
-            "prompts": len(prompts), "seeds": seeds}
+            "routed": {name: ran_on.count(name) * seeds for name in sorted(set(ran_on))},
+            "encode_s": float(np.mean(encode_s)), "prompts": len(prompts), "seeds": seeds}
 
 
 def markdown_table(report: dict) -> str:
-    """One row per encoder: its size where known, then semantics, text rendering and every attribute, each with its
-    95% interval where the report has one."""
+    """One row per encoder (or route): its size where known (a route's: the mean per job), then semantics, text
+    rendering and every attribute, each with its 95% interval where the report has one; when a row is a route, also
+    the share of jobs on each encoder and the mean encode time per job."""
     attributes = sorted({k for r in report.values() for k in r["attributes"]})
     sizes = [k for k in ("params", "bytes") if any(r.get(k) for r in report.values())]
-    header = ["encoder", *sizes, "semantics", "text rendering", *attributes]
+    routes = any(set(r.get("routed", {name: 0})) != {name} for name, r in report.items())
+    extra = ["jobs on", "encode ms/job"] if routes else []
+    header = ["encoder", *sizes, *extra, "semantics", "text rendering", *attributes]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def cell(r: dict, key: str, value: float | None) -> str:
@@ -66,6 +78,9 @@ def markdown_table(report: dict) -> str:
 
     for name, r in report.items():
         cells = [f"{r[k]:,}" if r.get(k) else "-" for k in sizes]
+        if routes:
+            jobs = sum(r["routed"].values())
+            cells += [", ".join(f"{n} {k / jobs:.0%}" for n, k in r["routed"].items()), f"{r['encode_s'] * 1e3:.1f}"]
         cells += [cell(r, "semantics", r["criteria"].get("semantics")),
                   cell(r, "text_rendering", r["criteria"].get("text_rendering"))]
         cells += [cell(r, a, r["attributes"].get(a)) for a in attributes]

@@ -50,7 +50,7 @@ def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 2000, pr
     raw = yaml.safe_load(models.read_text())
     for section in raw.values():
         for body in section.values():
-            if str(body["source"]).startswith("."):
+            if str(body.get("source", "")).startswith("."):  # routes have none
                 body["source"] = str((kit / body["source"]).resolve())
     untrained = [n for n, e in raw["encoders"].items() if e["kind"] == "student"]
     for name, path in students.items():

@@ -41,7 +41,7 @@ from transformers import CLIPTextModel
 
 from service.models.demo import T5Size, _clip_config, build_clip_tokenizer, build_student, build_t5_tokenizer
 from service.models.demo import build_teacher
-from service.models.registry import quantized_teacher_entries
+from service.models.registry import auto_route, quantized_teacher_entries
 from trainer.checkpoint import load_optimizer, save_optimizer
 from trainer.world.captions import training_scene
 from trainer.world.scene import SIZE, render
@@ -216,6 +216,7 @@ def models_file() -> dict:
         "encoders": {TEACHER.role: teacher,
                      **quantized_teacher_entries(TEACHER.role, teacher),
                      **{s.role: {"kind": "student", "source": f"./encoders/{s.role}", **common} for s in STUDENTS}},
+        "routes": auto_route(TEACHER.role),
     }
 
 

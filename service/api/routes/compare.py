@@ -52,10 +52,12 @@ async def create(params: CompareParams, request: Request, response: Response, se
     if reference is None:
         raise ValidationError("`reference` is required: the registry has no teacher to default to",
                               field="reference")
-    for field, names in (("encoders", params.encoders), ("reference", [reference])):
-        for name in names:
-            if name not in registry.encoders:
-                raise UnknownNameError("encoder", name, list(registry.encoders), field=field)
+    for name in params.encoders:
+        if name not in registry.encoders and name not in registry.routes:
+            raise UnknownNameError("encoder", name, list(registry.encoders), field="encoders",
+                                   routes=list(registry.routes))
+    if reference not in registry.encoders:
+        raise UnknownNameError("encoder", reference, list(registry.encoders), field="reference")
     encoders = params.encoders + ([reference] if reference not in params.encoders else [])
     jobs = len(prompts) * len(params.seeds) * len(encoders)
     if jobs > settings.max_compare_jobs:
@@ -74,8 +76,16 @@ async def create(params: CompareParams, request: Request, response: Response, se
             if exc.field == "prompt":
                 exc.field, exc.message = f"prompts.{i}", f"prompt {i}: {exc.message}"
             raise
+    routed: dict[str, list[dict]] = {}  # a route's column: its decision for each prompt, made once, here
     for encoder in encoders:
-        await check(base.model_copy(update={"encoder": encoder}), registry=registry, queue=queue, settings=settings)
+        if encoder in registry.routes:
+            for prompt in prompts:
+                _, decision = await check(base.model_copy(update={"encoder": encoder, "prompt": prompt}),
+                                          registry=registry, queue=queue, settings=settings)
+                routed.setdefault(encoder, []).append(decision.model_dump())
+        else:
+            await check(base.model_copy(update={"encoder": encoder}), registry=registry, queue=queue,
+                        settings=settings)
     depth = await queue.depth()
     if depth + jobs > settings.max_queue:
         raise OverloadedError(f"the run's {jobs} jobs do not fit in the queue ({depth} queued, "
@@ -88,7 +98,7 @@ async def create(params: CompareParams, request: Request, response: Response, se
                                                                       caller.owner)})
     shared = base.model_dump(exclude={"prompt", "encoder", "seed"})
     runs = _runs(request, caller)
-    run_id = await runs.create(params, prompts, encoders, reference, shared)
+    run_id = await runs.create(params, prompts, encoders, reference, shared, routed)
     view = await runs.view(run_id, _base(request))
     await track(queue, settings, caller, [r.job_id for c in view.cells for r in c.results.values()])
     response.headers["Location"] = f"/v1/compare/{run_id}"

@@ -11,9 +11,16 @@ from service.api.deps import QueueDep, RegistryDep
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
+class RouteInfo(BaseModel):
+    rules: list[str]  # in order: "name: condition -> encoder"
+    default: str
+    fallback: list[str]
+    max_queue_depth: int | None = None
+
+
 class ModelInfo(BaseModel):
     name: str
-    kind: str  # teacher | student for encoders; the family for pipelines
+    kind: str  # teacher | student | route for encoders; the family for pipelines
     source: str
     params: int | None = None
     bytes: int | None = None
@@ -24,6 +31,7 @@ class ModelInfo(BaseModel):
     quantization: str | None = None  # encoders: the method (and options) their weights are quantized with
     served_by: list[str] = []
     resident_on: list[str] = []
+    route: RouteInfo | None = None  # kind `route`: its rules, default and fallbacks (name it as an encoder)
 
 
 def _merge(info: ModelInfo, worker: dict, facts: dict) -> None:
@@ -37,7 +45,9 @@ def _merge(info: ModelInfo, worker: dict, facts: dict) -> None:
 
 @router.get("/encoders", response_model=list[ModelInfo])
 async def encoders(registry: RegistryDep, queue: QueueDep) -> list[ModelInfo]:
-    """Every registered T5 encoder; sizes come from the workers that serve it (none: not served now)."""
+    """Every registered T5 encoder, then every route (`kind: route`, named like an encoder in a request); sizes come
+    from the workers that serve an encoder (none: not served now); a route is served by the workers of its
+    encoders."""
     workers = await queue.live_workers()
     out = []
     for spec in registry.encoders.values():
@@ -48,6 +58,12 @@ async def encoders(registry: RegistryDep, queue: QueueDep) -> list[ModelInfo]:
             if spec.name in worker["encoders"]:
                 _merge(info, worker, worker["encoders"][spec.name])
         out.append(info)
+    for route in registry.routes.values():
+        out.append(ModelInfo(
+            name=route.name, kind="route", source=f"route over {', '.join(route.encoders)}",
+            served_by=[w["id"] for w in workers if any(name in w["encoders"] for name in route.encoders)],
+            route=RouteInfo(rules=[rule.describe() for rule in route.rules], default=route.default,
+                            fallback=route.fallback, max_queue_depth=route.max_queue_depth)))
     return out
 
 

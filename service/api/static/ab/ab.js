@@ -70,8 +70,11 @@ async function loadForm() {
     const checked = e.kind === "teacher" || e.name === "t5-base";
     const box = el("input", { type: "checkbox", name: "encoder", value: e.name });
     box.checked = checked;
-    $("#encoders").append(el("label", {}, box, ` ${e.name} `, el("small", { class: "muted" }, `${e.kind}`)));
-    $("#reference").append(el("option", { value: e.name }, e.name));
+    // A route (`kind: route`) is a column like an encoder: each prompt runs on the encoder the route picks for it.
+    const title = e.route ? [...e.route.rules, `default -> ${e.route.default}`,
+      `fallback: ${e.route.fallback.join(", ")}`].join("\n") : "";
+    $("#encoders").append(el("label", { title }, box, ` ${e.name} `, el("small", { class: "muted" }, `${e.kind}`)));
+    if (e.kind !== "route") $("#reference").append(el("option", { value: e.name }, e.name));
   }
   if (teacher) $("#reference").value = teacher.name;
 }
@@ -153,7 +156,8 @@ function renderRun(run) {
   for (const s of run.summary) {
     summary.append(el("tr", { "data-encoder": s.encoder },
       el("td", {}, s.encoder + (s.is_reference ? " (reference)" : "") +
-        (s.quantization ? ` · ${s.quantization}` : "")), el("td", {}, count(s.params)), el("td", {}, bytes(s.bytes)),
+        (s.quantization ? ` · ${s.quantization}` : "") +
+        (s.routed ? ` · route: ${Object.entries(s.routed).map(([n, k]) => `${n} ${k}`).join(", ")}` : "")), el("td", {}, count(s.params)), el("td", {}, bytes(s.bytes)),
       el("td", {}, s.is_reference ? "ref" : fmt(s.psnr, 2)), el("td", {}, s.is_reference ? "ref" : fmt(s.ssim)),
       el("td", {}, s.is_reference ? "ref" : fmt(s.embedding_cosine)),
       el("td", {}, s.accuracy === null ? "–" : (s.accuracy * 100).toFixed(0) + "%"),
@@ -191,6 +195,7 @@ function renderRun(run) {
         lines.append(el("span", { class: ok ? "ok" : "no" }, ok ? "✓ evaluator" : "✗ " +
           Object.entries(r.evaluator).filter(([, v]) => !v).map(([k]) => k).join(", ")), el("br"));
       }
+      if (r.ran_on) lines.append(el("span", { class: "routed" }, `→ ${r.ran_on}`), el("br"));
       if (r.total_s !== null) lines.append(`${ms(r.encode_s)} enc · ${ms(r.total_s)} job`);
       td.append(lines);
       row.append(td);
