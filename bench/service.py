@@ -67,13 +67,19 @@ class Service:
         raise TimeoutError("the service did not become ready")
 
     def generate(self, client: httpx.Client, prompt: str, seed: int) -> tuple[float, dict]:
-        start = time.perf_counter()
+        """One job with `?wait=true`: the client's latency, and the job's view with `sent_at` / `received_at` added
+        (wall clock, as the API and the worker stamp `created_at`, `started_at` and `finished_at`)."""
+        sent_at, start = time.time(), time.perf_counter()
         response = client.post("/v1/generate", params={"encoder": "t5-xxl", "wait": "true"},
                                json={"prompt": prompt, "seed": seed, "steps": STEPS, "width": SIZE, "height": SIZE})
         elapsed = time.perf_counter() - start
-        job = response.json()
+        job = {**response.json(), "sent_at": sent_at, "received_at": sent_at + elapsed}
         assert job["status"] == "succeeded", job
         return elapsed, job
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {"api": self.procs[0].pid, "worker": self.procs[1].pid}
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -119,8 +125,68 @@ def demo_kit(workdir: Path) -> Path:
     return make_demo(workdir / "kit")
 
 
+GENERATION = ("adapters", "encode", "clip", "control", "denoise", "decode")  # the worker's model stages
+STAGES = {  # stage -> what it spans, from the client's and the processes' wall-clock stamps
+    "api_in": "client sends -> job enqueued (HTTP, validation, checks, the enqueue script)",
+    "handoff": "enqueued -> a worker has started it (the stream read wakes, the start script)",
+    "worker_bookkeeping": "started -> finished, less the model stages (job fields, per-step progress and cancel "
+                          "checks, PNG encoding, metrics, the finish script)",
+    "generation_vs_stock": "the worker's model stages minus the stock pipeline call",
+    "api_out": "finished -> client has the answer (the wait wakes, the job is read, the response)",
+}
+
+
+def stages(job: dict, plain_s: float) -> dict[str, float]:
+    """One job's added latency split by stage (seconds); the stages sum to its latency minus the stock call."""
+    generation = sum(job["timings"].get(k, 0.0) for k in GENERATION)
+    return {"api_in": job["created_at"] - job["sent_at"], "handoff": job["started_at"] - job["created_at"],
+            "worker_bookkeeping": job["finished_at"] - job["started_at"] - generation,
+            "generation_vs_stock": generation - plain_s, "api_out": job["received_at"] - job["finished_at"]}
+
+
+def profile(pids: dict[str, int], out: Path) -> list[subprocess.Popen]:
+    """py-spy sampling each process (no code change), until stopped with SIGINT; raw collapsed stacks in OUT."""
+    import shutil
+
+    if shutil.which("py-spy") is None:
+        raise SystemExit("BENCH_PROFILE needs py-spy on PATH: pip install -e '.[profile]'")
+    out.mkdir(parents=True, exist_ok=True)
+    return [subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "1000", "--format", "raw",
+                              "--output", str(out / f"{name}.txt")], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+            for name, pid in pids.items()]
+
+
+IDLE = ("select (", "Condition.wait", "wait (threading", "_wait_for_tstate_lock", "Event.wait")
+
+
+def top_frames(path: Path, n: int = 15) -> dict:
+    """What a collapsed-stacks file says, idle samples (a thread blocked in select or a wait) left out: the share of
+    busy samples each frame of the project's own code is on (inclusive), and the frames most often on top (self)."""
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    busy = idle = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames, k = stack.split(";"), int(count)
+        if any(mark in frames[-1] for mark in IDLE):
+            idle += k
+            continue
+        busy += k
+        for frame in set(frames):
+            if "(service/" in frame and "(service/cli.py" not in frame:
+                inclusive[frame] = inclusive.get(frame, 0) + k
+        own[frames[-1]] = own.get(frames[-1], 0) + k
+    share = lambda counts: [{"frame": f, "share": counts[f] / busy}  # noqa: E731
+                            for f in sorted(counts, key=counts.get, reverse=True)[:n]] if busy else []
+    return {"busy_samples": busy, "idle_samples": idle, "inclusive": share(inclusive), "self": share(own)}
+
+
 def run_overhead(tiny: bool = False) -> dict:
+    """Set BENCH_PROFILE=DIR to sample the API and the worker with py-spy during the served jobs as well."""
     n = 10 if tiny else 60
+    profile_dir = os.environ.get("BENCH_PROFILE")
+    profiles: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         kit = demo_kit(Path(tmp))
         pipe = stock_pipeline(kit)
@@ -129,16 +195,25 @@ def run_overhead(tiny: bool = False) -> dict:
         try:
             with httpx.Client(base_url=service.url, timeout=120) as client:
                 service.generate(client, "warm up", 0)
-                plain, served, worker_total = [], [], []
+                samplers = profile(service.pids, Path(profile_dir)) if profile_dir else []
+                plain, served, worker_total, split = [], [], [], []
                 for i, prompt in enumerate(prompts(n)):  # interleaved: both see the same machine state
                     plain.append(plain_call(pipe, prompt, i))
                     elapsed, job = service.generate(client, prompt, i)
                     served.append(elapsed)
                     worker_total.append(job["timings"]["total"])
+                    split.append(stages(job, plain[-1]))
+                for sampler in samplers:
+                    sampler.send_signal(signal.SIGINT)
+                    sampler.wait(60)
+                if profile_dir:
+                    profiles = {name: top_frames(Path(profile_dir) / f"{name}.txt") for name in ("api", "worker")}
         finally:
             service.stop()
     p50_plain, p50_served = percentile(plain, 50), percentile(served, 50)
     added = p50_served - p50_plain
+    breakdown = {name: percentile([s[name] for s in split], 50) * 1000 for name in STAGES}
+    print("  added latency by stage (p50, ms): " + ", ".join(f"{k} {v:.2f}" for k, v in breakdown.items()))
     record = {
         "command": "python -m bench run overhead" + (" --tiny" if tiny else ""), "jobs": n,
         "setting": f"demo FLUX kit, {SIZE}x{SIZE}, {STEPS} steps, 1 thread per process, sequential, interleaved",
@@ -150,6 +225,7 @@ def run_overhead(tiny: bool = False) -> dict:
         ],
         "added_p50_ms": added * 1000,
         "http_and_queue_p50_ms": (p50_served - percentile(worker_total, 50)) * 1000,
+        "stages_p50_ms": breakdown, "stages": STAGES, "profile": profiles,
         "targets": [target("p50 added latency per job", added * 1000, "<=", 5, " ms")],
     }
     save("overhead", record)
