@@ -147,6 +147,24 @@ def _chart_throughput(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _overhead_details(record: dict) -> list[str]:
+    """The added latency by stage, PNG encoding by level, and where the profile found the processes busy."""
+    lines: list[str] = []
+    if record.get("stages_p50_ms"):
+        lines += ["| stage | p50 ms | what it spans |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.2f} | {record['stages'][k]} |" for k, v in record["stages_p50_ms"].items()] + [""]
+    if record.get("png_1024"):
+        lines += _table(record["png_1024"]) + [""]
+    for process, profile in (record.get("profile") or {}).items():
+        if not profile.get("busy_samples"):
+            continue
+        lines += [f"Profile of the {process} (py-spy, {profile['busy_samples']:,} busy samples at 1 kHz, "
+                  f"{profile['idle_samples']:,} idle left out); the project's frames by share of busy samples:", ""]
+        lines += ["| share | frame |", "|---|---|"]
+        lines += [f"| {f['share']:.1%} | `{f['frame']}` |" for f in profile["inclusive"][:10]] + [""]
+    return lines
+
+
 def render(out_dir: Path) -> Path:
     records = {p.stem: json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))}
     lines = ["# Benchmarks", "",
@@ -192,6 +210,7 @@ def render(out_dir: Path) -> Path:
                 lines += [f"Added latency per job (p50, service minus stock loop): "
                           f"**{record['added_p50_ms']:.1f} ms**, of which HTTP and queue "
                           f"{record['http_and_queue_p50_ms']:.1f} ms.", ""]
+                lines += _overhead_details(record)
         if record["targets"]:
             lines += ["| target | measured | bound | met |", "|---|---|---|---|"]
             for t in record["targets"]:

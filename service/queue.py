@@ -141,36 +141,57 @@ if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[3]) end
 return {'ok', ARGV[1]}
 """
 
-# KEYS: job, queued ; ARGV: job id, worker id, now, ttl (a job's own 'ttl' field wins, here and below)
-# -> 'running' (go) | 'cancelled' | a terminal status | 'gone' (expired or never existed): skip it
+# KEYS: job, queued ; ARGV: job id, worker id, now, ttl (a job's own 'ttl' field wins, here and below), events
+#       channel, the 'running' event, the 'cancelled' event
+# -> {outcome, fields}: outcome 'running' (go) | 'cancelled' | a terminal status | 'gone' (expired or never existed:
+#    skip it); fields: the job's hash as a flat list, read in the same call (one round trip per start)
 START = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'gone' end
+if not status then return {'gone', {}} end
 ARGV[4] = redis.call('HGET', KEYS[1], 'ttl') or ARGV[4]
-if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return status end
+if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
+  return {status, redis.call('HGETALL', KEYS[1])}
+end
 redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[3])
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('RPUSH', KEYS[1] .. ':done', 'cancelled')
   redis.call('EXPIRE', KEYS[1] .. ':done', 300)
-  return 'cancelled'
+  redis.call('PUBLISH', ARGV[5], ARGV[7])
+  return {'cancelled', redis.call('HGETALL', KEYS[1])}
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started_at', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-return 'running'
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return {'running', redis.call('HGETALL', KEYS[1])}
 """
 
-# KEYS: job ; ARGV: job id, status, now, ttl, field/value count, field1, value1, ..., image1, image2, ...
-# -> 1 if this call finished the job, 0 if it was already finished (a duplicate run: its result is dropped)
+# KEYS: job, stream ; ARGV: job id, status, now, ttl, events channel, the status event, the 'cancelled' event,
+#       group, stream entry id, field/value count, field1, value1, ..., image1, image2, ...
+# Stores the outcome, announces it, and acknowledges and deletes the stream entry, in one atomic call: a worker that
+# dies after it leaves nothing to redeliver. A 'succeeded' outcome of a job whose cancel flag was set meanwhile is
+# stored as cancelled, without images.
+# -> 1 stored as given | 2 stored as cancelled | 0 already finished (a duplicate run: its result is dropped)
 FINISH = """
+redis.call('XACK', KEYS[2], ARGV[8], ARGV[9])
+redis.call('XDEL', KEYS[2], ARGV[9])
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'running' and status ~= 'queued' then return 0 end
 ARGV[4] = redis.call('HGET', KEYS[1], 'ttl') or ARGV[4]
-local nfields = tonumber(ARGV[5])
+if ARGV[2] == 'succeeded' and redis.call('HGET', KEYS[1], 'cancel') == '1' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[3], 'error', 'job cancelled during denoising',
+             'error_type', 'cancelled', 'images', '0')
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('RPUSH', KEYS[1] .. ':done', 'cancelled')
+  redis.call('EXPIRE', KEYS[1] .. ':done', 300)
+  redis.call('PUBLISH', ARGV[5], ARGV[7])
+  return 2
+end
+local nfields = tonumber(ARGV[10])
 local args = {'status', ARGV[2], 'finished_at', ARGV[3]}
-for i = 1, nfields * 2 do table.insert(args, ARGV[5 + i]) end
-local first_image = 6 + nfields * 2
+for i = 1, nfields * 2 do table.insert(args, ARGV[10 + i]) end
+local first_image = 11 + nfields * 2
 local n = 0
 for i = first_image, #ARGV do
   local key = KEYS[1] .. ':image:' .. tostring(n)
@@ -182,6 +203,7 @@ redis.call('HSET', KEYS[1], unpack(args))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('RPUSH', KEYS[1] .. ':done', ARGV[2])
 redis.call('EXPIRE', KEYS[1] .. ':done', 300)
+redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
 """
 

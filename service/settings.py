@@ -58,7 +58,12 @@ class Settings(BaseSettings):
         8, ge=1, le=64, description="Most jobs a worker denoises in one call (same pipeline, encoder, size, steps)."
     )
     batch_wait_ms: int = Field(
-        10, ge=0, le=10_000, description="How long a worker waits for more jobs to fill a batch, in milliseconds."
+        10, ge=0, le=10_000, description="How long a worker waits for more jobs to fill a batch, in milliseconds, when "
+                                         "its last batch had more than one job (a lone job never waits)."
+    )
+    png_compress_level: int = Field(
+        1, ge=0, le=9, description="zlib level of PNG results: 1 encodes a 1024x1024 image 2-4x faster than PIL's "
+                                   "default 6, for files 10-50% larger (docs/benchmarks.md, service overhead)."
     )
     progress_interval_s: float = Field(
         0.2, ge=0.0, description="Least seconds between a job's progress events (the last step is always sent)."
@@ -152,6 +157,8 @@ STACK_VARIABLES = {
     "STACK_IMAGE_CPU": ("t2i-slim:cpu", "Image of the CPU worker (profile cpu)."),
     "STACK_VARIANT": ("cuda", "Build variant of STACK_IMAGE: cuda or cpu."),
     "STACK_MODELS_DIR": ("./deploy/docker/no-models", "Host directory mounted read-only at /models."),
+    "STACK_BIND": ("127.0.0.1", "Host address of the published ports (API, Prometheus, Grafana); 0.0.0.0 serves "
+                                "other hosts: set API keys and the Grafana password first."),
     "STACK_API_PORT": ("8000", "Host port of the API."),
     "STACK_PROMETHEUS_PORT": ("9090", "Host port of Prometheus."),
     "STACK_GRAFANA_PORT": ("3000", "Host port of Grafana."),

@@ -67,10 +67,24 @@ def test_default_encoder_is_the_teacher(tmp_path, capsys):
         assert pixel_diff(a, b)[1] == 0.0
 
 
+def test_generate_with_a_route_runs_the_encoder_it_picks(tmp_path, capsys):
+    """`--encoder auto`: a sign prompt on the teacher, a shape prompt on t5-base, the same image as naming them."""
+    for prompt, encoder, rule in (("a sign reading 'cat'", "t5-xxl", "written-text"),
+                                  ("two green triangles", "t5-base", "default")):
+        assert main(["generate", "--encoder", "auto", "--prompt", prompt, "--seed", "2",
+                     "-o", str(tmp_path / "routed.png")]) == 0
+        assert f"route auto: {rule} -> {encoder}" in capsys.readouterr().err
+        assert main(["generate", "--encoder", encoder, "--prompt", prompt, "--seed", "2",
+                     "-o", str(tmp_path / "named.png")]) == 0
+        with Image.open(tmp_path / "routed.png") as a, Image.open(tmp_path / "named.png") as b:
+            assert pixel_diff(a, b)[1] == 0.0
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--encoder", "t5-tiny"], "unknown encoder 't5-tiny'; known: t5-base, t5-large, t5-small, t5-xxl"),
+        (["--encoder", "fastest"], "; routes: auto"),
         (["--pipeline", "sdxl"], "unknown pipeline 'sdxl'; known: flux, sd3"),
         (["--width", "100"], "`width`=100 is not a multiple of 8"),
         (["-o", "x.gif"], "use one of .png"),
@@ -93,7 +107,9 @@ def test_models_list(capsys):
     assert main(["models", "list", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert set(rows) == {"flux", "sd3", "t5-xxl", "t5-xxl-int8", "t5-xxl-fp8", "t5-xxl-nf4", "t5-large", "t5-base",
-                         "t5-small"}
+                         "t5-small", "auto"}
+    assert rows["auto"]["type"] == "route" and rows["auto"]["default"] == "t5-base"
+    rows = {n: r for n, r in rows.items() if r["type"] != "route"}
     assert rows["t5-xxl-nf4"]["quantization"] == "bnb-nf4" and rows["t5-xxl"]["quantization"] is None
     assert rows["t5-xxl-nf4"]["params"] == rows["t5-xxl"]["params"]
     assert rows["t5-xxl-nf4"]["bytes"] < rows["t5-xxl"]["bytes"] / 2
@@ -101,4 +117,5 @@ def test_models_list(capsys):
     assert all(rows[n]["width"] == 64 for n in rows)
     assert rows["t5-base"]["source"].startswith("local ") and rows["t5-base"]["device"] == "cpu"
     assert main(["models", "list"]) == 0
-    assert "t5-small" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "t5-small" in out and "written-text: asks for written text -> t5-xxl" in out

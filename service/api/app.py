@@ -76,9 +76,9 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         app.include_router(router)
 
     @app.get("/metrics", include_in_schema=False)
-    def prometheus_metrics(request: Request) -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
         if not settings.metrics_public:
-            authenticate(request)
+            await authenticate(request)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     _install_error_handlers(app)

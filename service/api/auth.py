@@ -85,8 +85,9 @@ def check_exposure(settings: Settings, keys: dict[str, str], host: str) -> str:
     return f"OPEN on {host}: no API keys (T2I_ALLOW_OPEN=true)"
 
 
-def authenticate(request: Request) -> Caller:
-    """The caller of a request: the owner of its key, or anonymous when the API is open. 401 otherwise."""
+async def authenticate(request: Request) -> Caller:
+    """The caller of a request: the owner of its key, or anonymous when the API is open. 401 otherwise. Async
+    though it awaits nothing: FastAPI runs a plain `def` dependency in a thread pool, a thread hop per request."""
     keys: dict[str, str] = request.app.state.api_keys
     if not keys:
         return Caller(ANONYMOUS, ANONYMOUS)

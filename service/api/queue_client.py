@@ -156,10 +156,12 @@ class QueueClient:
                 if parsed["type"] == "status" and JobStatus(parsed["status"]).terminal:
                     return
 
-    async def wait(self, job_id: str, timeout_s: float) -> None:
+    async def wait(self, job_id: str, timeout_s: float, *, just_queued: bool = False) -> None:
         """Return when the job has ended or `timeout_s` has passed: one blocking BLMOVE on the job's done list (which
-        the finishing script fills), rotating it in place so that every waiter on the same job wakes."""
-        if JobStatus((await self.fields(job_id))["status"]).terminal:
+        the finishing script fills), rotating it in place so that every waiter on the same job wakes. The status is
+        read first unless the job was `just_queued` by this request: a job that ended long ago has no done list left
+        (it expires after 300 s), and a wait on it would block."""
+        if not just_queued and JobStatus((await self.fields(job_id))["status"]).terminal:
             return
         key = queue.done_key(job_id)
         await self.client.blmove(key, key, timeout=max(timeout_s, 0.01), src="LEFT", dest="RIGHT")

@@ -45,6 +45,10 @@ class Denoiser:
         self.loaded_loras: set[str] = set()
         self.active_loras: tuple[tuple[str, float], ...] = ()
         self.control_pipes: dict[str, DiffusionPipeline] = {}
+        # Where and in what dtype the denoiser runs: read once (the module walk behind `.device` costs per job).
+        self.device: torch.device = pipe.transformer.device
+        self.dtype: torch.dtype = pipe.transformer.dtype
+        self._sizes: tuple[int, int] | None = None  # (params, bytes), counted on first use and after a LoRA loads
 
     @classmethod
     def load(cls, spec: PipelineSpec, *, device: str | None = None) -> "Denoiser":
@@ -71,14 +75,6 @@ class Denoiser:
         return self.spec.family
 
     @property
-    def device(self) -> torch.device:
-        return self.pipe.transformer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
-
-    @property
     def joint_attention_dim(self) -> int:
         return self.pipe.transformer.config.joint_attention_dim
 
@@ -93,13 +89,19 @@ class Denoiser:
     def components(self) -> dict[str, torch.nn.Module]:
         return {k: v for k, v in self.pipe.components.items() if isinstance(v, torch.nn.Module)}
 
+    def _count(self) -> tuple[int, int]:
+        if self._sizes is None:
+            components = self.components.values()
+            self._sizes = (sum(module_params(m) for m in components), sum(module_bytes(m) for m in components))
+        return self._sizes
+
     @property
     def num_params(self) -> int:
-        return sum(module_params(m) for m in self.components.values())
+        return self._count()[0]
 
     @property
     def num_bytes(self) -> int:
-        return sum(module_bytes(m) for m in self.components.values())
+        return self._count()[1]
 
     # -- checks ------------------------------------------------------------------------------------------------
     def check_encoder_width(self, encoder_name: str, width: int) -> None:
@@ -139,6 +141,7 @@ class Denoiser:
             except Exception as exc:  # missing file, weights for another architecture
                 raise ModelLoadError(f"lora {spec.name!r}: cannot load {spec.describe()}: {exc}", field="loras") from exc
             self.loaded_loras.add(spec.name)
+            self._sizes = None  # the adapter's weights now count
         if wanted:
             self.pipe.enable_lora()
             self.pipe.set_adapters([name for name, _ in wanted], adapter_weights=[scale for _, scale in wanted])

@@ -239,7 +239,7 @@ class Generator:
             # 6. The initial noise of each request from its own seed, by the pipeline's own `prepare_latents`
             #    (as the pipeline would draw it for that request alone), stacked.
             extra["latents"] = torch.cat([
-                initial_latents(pipe, request.num_images, height, width, cond["prompt_embeds"].dtype,
+                initial_latents(pipe, request.num_images, height, width, cond["prompt_embeds"].dtype, denoiser.device,
                                 torch.Generator(device="cpu").manual_seed(seed))
                 for seed in seeds])
 
@@ -310,10 +310,9 @@ def batch_key(request: GenerationRequest) -> tuple:
             request.num_images, tuple(request.loras), request.negative_prompt is not None, control)
 
 
-def initial_latents(pipe, num_images: int, height: int, width: int, dtype: torch.dtype,
+def initial_latents(pipe, num_images: int, height: int, width: int, dtype: torch.dtype, device: torch.device,
                     generator: torch.Generator) -> torch.Tensor:
     """The noise the pipeline would draw for one call of `num_images` images: its own `prepare_latents`."""
-    device = pipe._execution_device
     if isinstance(pipe, FluxPipeline):
         channels = pipe.transformer.config.in_channels // 4
         latents, _ids = pipe.prepare_latents(num_images, channels, height, width, dtype, device, generator)

@@ -401,6 +401,14 @@ def _resolve(body: dict, base_dir: Path) -> dict:
     return body
 
 
+def with_absolute_sources(raw: dict, base_dir: Path) -> dict:
+    """A models-file dict (as read from YAML) whose relative sources are made absolute against `base_dir`, so that it
+    can be written anywhere; sections without sources (routes) are kept as they are."""
+    return {section: {name: _resolve(body, base_dir) if isinstance(body, dict) and "source" in body else body
+                      for name, body in (bodies or {}).items()}
+            for section, bodies in raw.items()}
+
+
 MINIATURE_KIT = Path(__file__).parent / "miniature" / "models.yaml"
 
 

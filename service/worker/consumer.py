@@ -108,17 +108,14 @@ class Consumer:
 
     # -- job state ---------------------------------------------------------------------------------------------
     def start(self, claim: Claim) -> tuple[str, dict[str, str]]:
-        """Mark the job running (or learn that it was cancelled or finished meanwhile). Returns (status, fields)."""
-        status = _s(self._start(
+        """Mark the job running (or learn that it was cancelled or finished meanwhile), announce it and read its
+        fields, in one call. Returns (status, fields)."""
+        status, flat = self._start(
             keys=[queue.job_key(claim.job_id), queue.QUEUED],
-            args=[claim.job_id, self.worker_id, time.time(), self.result_ttl_s],
-        ))
-        fields = decode_hash(self.client.hgetall(queue.job_key(claim.job_id)))
-        if status == "running":
-            self.publish(claim.job_id, event("status", status="running", worker=self.worker_id))
-        elif status == "cancelled":
-            self.publish(claim.job_id, event("status", status="cancelled"))
-        return status, fields
+            args=[claim.job_id, self.worker_id, time.time(), self.result_ttl_s, queue.events_channel(claim.job_id),
+                  event("status", status="running", worker=self.worker_id), event("status", status="cancelled")],
+        )
+        return _s(status), decode_hash(dict(zip(flat[::2], flat[1::2])))
 
     def step(self, job_ids: list[str], step: int, steps: int, *, report: bool) -> list[bool]:
         """One round trip per denoising step for a whole batch: report progress (when `report`) and read each
@@ -132,24 +129,23 @@ class Consumer:
             pipe.hget(queue.job_key(job_id), "cancel")
         return [flag == b"1" for flag in pipe.execute()[-len(job_ids):]]
 
-    def cancel_requested(self, job_id: str) -> bool:
-        return self.client.hget(queue.job_key(job_id), "cancel") == b"1"
-
-    def finish(self, job_id: str, status: JobStatus, fields: dict[str, str | int | float],
-               images: list[bytes] = ()) -> bool:
-        """Store the outcome atomically; False when another run of the same job finished first."""
+    def finish(self, claim: Claim, status: JobStatus, fields: dict[str, str | int | float],
+               images: list[bytes] = ()) -> JobStatus | None:
+        """Store the outcome, announce it and release the claim, atomically. Returns the status stored (cancelled
+        for a success whose job was cancelled meanwhile), or None when another run of the job finished first."""
         flat: list = []
         for key, value in fields.items():
             flat += [key, value]
+        announced = event("status", status=status.value, **{k: v for k, v in fields.items()
+                                                             if k in ("error", "error_type")})
+        cancelled = event("status", status="cancelled", error="job cancelled during denoising",
+                          error_type="cancelled")
         done = self._finish(
-            keys=[queue.job_key(job_id)],
-            args=[job_id, status.value, time.time(), self.result_ttl_s, len(fields), *flat, *images],
+            keys=[queue.job_key(claim.job_id), claim.stream],
+            args=[claim.job_id, status.value, time.time(), self.result_ttl_s, queue.events_channel(claim.job_id),
+                  announced, cancelled, queue.GROUP, claim.entry_id, len(fields), *flat, *images],
         )
-        if done:
-            self.publish(job_id, event("status", status=status.value, **{
-                k: v for k, v in fields.items() if k in ("error", "error_type")
-            }))
-        return bool(done)
+        return {0: None, 1: status, 2: JobStatus.cancelled}[int(done)]
 
     def publish(self, job_id: str, message: str) -> None:
         self.client.publish(queue.events_channel(job_id), message)

@@ -64,6 +64,7 @@ class Worker:
         self.stopping = threading.Event()
         self.current: list[Claim] = []
         self.jobs_done = 0
+        self.last_batch = 1  # jobs in the last denoising call: whether jobs arrive together (then wait for mates)
         self.started_at = time.time()
         self.health: HealthServer | None = None
         self.encoder_facts: dict[str, dict] = {}
@@ -131,11 +132,13 @@ class Worker:
     # -- jobs ----------------------------------------------------------------------------------------------------
     def process(self, claim: Claim) -> None:
         """Run a claimed job, with the jobs already queued behind it on the same stream that can share its
-        denoising call (up to T2I_MAX_BATCH, waiting at most T2I_BATCH_WAIT_MS for them)."""
+        denoising call (up to T2I_MAX_BATCH). Only when the last call was a batch (jobs are arriving together) does
+        it also wait up to T2I_BATCH_WAIT_MS for more: a lone job never waits."""
         claims = [claim]
         if self.settings.max_batch > 1 and not claim.redelivered:
+            wait_ms = self.settings.batch_wait_ms if self.last_batch > 1 else 0
             claims += self._with_retry(lambda: self.consumer.claim_more(
-                claim.stream, self.settings.max_batch - 1, self.settings.batch_wait_ms)) or []
+                claim.stream, self.settings.max_batch - 1, wait_ms)) or []
         jobs = []
         for c in claims:
             status, fields = self._with_retry(lambda c=c: self.consumer.start(c))
@@ -164,6 +167,7 @@ class Worker:
             job.queue_wait = max(float(job.fields["started_at"]) - float(job.fields["created_at"]), 0.0)
             metrics.QUEUE_WAIT_SECONDS.observe(job.queue_wait)
         self.current = [job.claim for job in jobs]
+        self.last_batch = len(jobs)
         start = time.perf_counter()
         device = torch.device("cpu")
         results: list[GenerationResult] = []
@@ -217,10 +221,11 @@ class Worker:
             job_outcome, stored, images = outcome, dict(failure or {}), []
             if outcome == JobStatus.succeeded:
                 job_outcome, stored, images = self._stored(job, results[i], device, peak, elapsed)
-            finished = self._with_retry(lambda: self.consumer.finish(job.claim.job_id, job_outcome, stored, images))
-            if not finished:
+            stored_as = self._with_retry(lambda: self.consumer.finish(job.claim, job_outcome, stored, images))
+            if stored_as is None:
                 log.warning("job %s was already finished by another run; this result is dropped", job.claim.job_id)
-            self._with_retry(lambda: self.consumer.release(job.claim))
+            else:
+                job_outcome = stored_as  # a success whose job was cancelled meanwhile is stored as cancelled
             metrics.JOBS.labels(pipeline, encoder_name, job_outcome.value).inc()
             metrics.JOB_SECONDS.labels(pipeline, encoder_name).observe(elapsed)
             metrics.JOB_PEAK_MEMORY_BYTES.labels(pipeline, encoder_name, str(device)).set(peak)
@@ -229,12 +234,10 @@ class Worker:
     def _stored(self, job: "Job", result: GenerationResult, device: torch.device, peak: int,
                 elapsed: float) -> tuple[JobStatus, dict, list[bytes]]:
         """What a succeeded job stores: images, seed, timings, peak memory (and its prompt embedding for compare
-        runs). A job cancelled while its batch ran is stored as cancelled."""
+        runs). A job cancelled while its batch ran is stored as cancelled by the finish script."""
         params = job.params
-        if self._with_retry(lambda: self.consumer.cancel_requested(job.claim.job_id)):
-            return JobStatus.cancelled, {"error": "job cancelled during denoising", "error_type": "cancelled"}, []
         fmt = params.get("output_format", "png")
-        images = [_encode_image(im, fmt) for im in result.images]
+        images = [encode_image(im, fmt, png_compress_level=self.settings.png_compress_level) for im in result.images]
         timings = {"queue_wait": job.queue_wait, **result.timings, "total": elapsed}
         stored = {"seed": result.seed, "timings": json.dumps(timings), "warnings": json.dumps(result.warnings),
                   "content_type": fmt, "device": str(device), "peak_memory_bytes": peak,
@@ -355,8 +358,11 @@ def _request(params: dict, control: ControlInput | None = None) -> GenerationReq
     )
 
 
-def _encode_image(image, output_format: str) -> bytes:
+def encode_image(image, output_format: str, *, png_compress_level: int = 1) -> bytes:
+    """The bytes a job stores for one image: PNG at `png_compress_level`, WebP and JPEG at fixed qualities."""
     fmt, options = PIL_FORMATS[output_format]
+    if fmt == "PNG":
+        options = {"compress_level": png_compress_level}
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue()

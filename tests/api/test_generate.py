@@ -101,7 +101,9 @@ def test_server_sent_events_report_progress_to_the_end(api):
 
 def test_registry_endpoints_show_sizes_from_the_workers(api, stack):
     encoders = {e["name"]: e for e in api.get("/v1/encoders").json()}
-    assert set(encoders) == {"t5-xxl", "t5-xxl-int8", "t5-xxl-fp8", "t5-xxl-nf4", "t5-large", "t5-base", "t5-small"}
+    assert set(encoders) == {"t5-xxl", "t5-xxl-int8", "t5-xxl-fp8", "t5-xxl-nf4", "t5-large", "t5-base", "t5-small",
+                             "auto"}  # routes are listed among the encoders, as `kind: route`
+    assert [n for n, e in encoders.items() if e["kind"] == "route"] == ["auto"]
     assert encoders["t5-xxl"]["params"] > encoders["t5-small"]["params"] > 0
     # Quantized forms: the teacher's parameters, fewer bytes, and the method named (from the registry and the worker).
     for name, method in (("t5-xxl-int8", "int8-weight-only"), ("t5-xxl-nf4", "bnb-nf4")):

@@ -10,6 +10,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from service.cli import main
+from service.models.registry import with_absolute_sources
 from service.models.student import T5EncoderWithProjection
 from tests.stack import Stack
 from trainer.distill import train
@@ -36,10 +37,7 @@ def tiny_module(models_file, prompt_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models_with_student(distilled, demo_dir, tmp_path_factory):
-    models = yaml.safe_load((demo_dir / "models.yaml").read_text())
-    for section in models.values():
-        for body in section.values():
-            body["source"] = str(demo_dir / body["source"])
+    models = with_absolute_sources(yaml.safe_load((demo_dir / "models.yaml").read_text()), demo_dir)
     models["encoders"]["t5-base-distilled"] = {"kind": "student", "source": str(distilled[1]),
                                               "max_sequence_length": 48}
     path = tmp_path_factory.mktemp("models") / "models.yaml"

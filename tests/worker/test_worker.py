@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from service import queue
+from service.models.registry import with_absolute_sources
 from tests.stack import Stack, wait_for
 
 LONG_JOB = {"prompt": "a long job", "width": 512, "height": 512, "steps": 60, "seed": 1}  # ~8 s on one CPU thread
@@ -97,10 +98,7 @@ def test_a_failing_job_fails_readably_and_the_worker_keeps_serving(own_stack, de
     broken = tmp_path / "broken"
     shutil.copytree(demo_dir / "encoders" / "t5-base", broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    models = yaml.safe_load((demo_dir / "models.yaml").read_text())
-    for section in models.values():
-        for body in section.values():
-            body["source"] = str(demo_dir / body["source"])
+    models = with_absolute_sources(yaml.safe_load((demo_dir / "models.yaml").read_text()), demo_dir)
     models["encoders"]["t5-broken"] = {"kind": "student", "source": str(broken), "max_sequence_length": 32}
     (tmp_path / "models.yaml").write_text(yaml.safe_dump(models))
     own_stack.models_file = str(tmp_path / "models.yaml")

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from service.models.generation import Generator
-from service.models.registry import Registry
+from service.models.registry import Registry, with_absolute_sources
 from service.models.sizes import encoder_row
 from trainer.config import DistillConfig, load_config
 from trainer.distill import train
@@ -47,11 +47,7 @@ def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 2000, pr
         students[name] = export(config.output_dir, out / "students" / name)
 
     # 2. One registry with the teacher, the untrained students and the distilled ones.
-    raw = yaml.safe_load(models.read_text())
-    for section in raw.values():
-        for body in section.values():
-            if str(body.get("source", "")).startswith("."):  # routes have none
-                body["source"] = str((kit / body["source"]).resolve())
+    raw = with_absolute_sources(yaml.safe_load(models.read_text()), kit)
     untrained = [n for n, e in raw["encoders"].items() if e["kind"] == "student"]
     for name, path in students.items():
         raw["encoders"][name] = {"kind": "student", "source": str(path), "max_sequence_length": 16}

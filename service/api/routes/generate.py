@@ -43,7 +43,7 @@ async def generate(
             )
         params = params.model_copy(update={"encoder": encoder})
     try:
-        job_id, _created = await submit(params, registry=registry, queue=queue, settings=settings,
+        job_id, created = await submit(params, registry=registry, queue=queue, settings=settings,
                                         idempotency_key=idempotency_key, caller=caller)
     except Exception as exc:
         metrics.REQUESTS.labels("generate", getattr(exc, "error_type", "internal")).inc()
@@ -51,7 +51,7 @@ async def generate(
     metrics.REQUESTS.labels("generate", "accepted").inc()
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     if wait:
-        await queue.wait(job_id, settings.wait_timeout_s)
+        await queue.wait(job_id, settings.wait_timeout_s, just_queued=created)
     job = await view(queue, job_id, request, caller.owner)
     if job.status.terminal:
         response.status_code = 200

@@ -83,13 +83,13 @@ async def images_generations(body: ImagesRequest, request: Request, settings: Se
     except Exception as exc:  # pydantic bounds on width/height from `size`
         raise ValidationError(f"`size`={body.size!r} is out of range [16, 2048] per side", field="size") from exc
     try:
-        job_id, _ = await submit(params, registry=registry, queue=queue, settings=settings, idempotency_key=None,
-                                 caller=caller)
+        job_id, created = await submit(params, registry=registry, queue=queue, settings=settings,
+                                       idempotency_key=None, caller=caller)
     except T2IError as exc:
         metrics.REQUESTS.labels("images_generations", exc.error_type).inc()
         raise
     metrics.REQUESTS.labels("images_generations", "accepted").inc()
-    await queue.wait(job_id, settings.wait_timeout_s)
+    await queue.wait(job_id, settings.wait_timeout_s, just_queued=created)
     fields = await queue.fields(job_id)
     status = JobStatus(fields["status"])
     if status != JobStatus.succeeded:

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from service.models.generation import GenerationRequest, Generator
-from service.models.registry import MINIATURE_KIT, Registry, default_models_file
+from service.models.registry import MINIATURE_KIT, Registry, default_models_file, with_absolute_sources
 from trainer.world.accuracy import encoder_accuracy
 from trainer.world.captions import caption
 from trainer.world.scene import sample
@@ -74,10 +74,8 @@ def test_a_short_distillation_improves_a_students_accuracy(tmp_path):
     train(config, show_progress=False)
     export(tmp_path / "run", tmp_path / "distilled")
 
-    models = yaml.safe_load(MINIATURE_KIT.read_text())
-    for section in models.values():
-        for body in section.values():
-            body["source"] = str((MINIATURE_KIT.parent / body["source"]).resolve())
+    models = with_absolute_sources(yaml.safe_load(MINIATURE_KIT.read_text()), MINIATURE_KIT.parent)
+    models.pop("routes")  # they name encoders this registry replaces
     models["encoders"] = {"t5-xxl": models["encoders"]["t5-xxl"],
                           "untrained": {"kind": "student", "source": str(student_dir), "max_sequence_length": 16},
                           "distilled": {"kind": "student", "source": str(tmp_path / "distilled"),
