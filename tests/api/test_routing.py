@@ -91,3 +91,35 @@ def test_a_route_is_a_column_of_a_compare_run(api):
     response = api.post("/v1/compare", json={"prompts": [SHAPE], "encoders": ["t5-base", "t5-small"],
                                              "reference": "auto"})
     assert response.status_code == 422 and response.json()["field"] == "reference"
+
+
+def test_queue_depth_per_encoder_is_the_undelivered_jobs_of_its_stream(tmp_path):
+    """What `max_queue_depth` compares against, read from a real server: jobs queued for each encoder and not yet
+    handed to a worker (a stream no job has reached counts 0)."""
+    import asyncio
+
+    import redis
+    import redis.asyncio as aioredis
+
+    from service import queue
+    from service.api.queue_client import QueueClient
+    from service.redis_server import EmbeddedRedis
+
+    with EmbeddedRedis(data_dir=tmp_path) as server:
+        async def scenario() -> list[dict[str, int]]:
+            client = aioredis.Redis.from_url(server.url)
+            queue_client = QueueClient(client, max_queue=100, result_ttl_s=60)
+            for k in range(3):
+                await queue_client.enqueue({"prompt": f"p{k}", "pipeline": "flux", "encoder": "t5-base"})
+            await queue_client.enqueue({"prompt": "q", "pipeline": "flux", "encoder": "t5-large"})
+            seen = [await queue_client.waiting("flux", ["t5-base", "t5-large", "t5-xxl"])]
+            # a worker takes one t5-base job: it is no longer waiting
+            redis.Redis.from_url(server.url).xreadgroup(queue.GROUP, "w1", {queue.stream_key("flux", "t5-base"): ">"},
+                                                        count=1)
+            seen.append(await queue_client.waiting("flux", ["t5-base", "t5-large"]))
+            await client.aclose()
+            return seen
+
+        before, after = asyncio.run(scenario())
+    assert before == {"t5-base": 3, "t5-large": 1, "t5-xxl": 0}
+    assert after == {"t5-base": 2, "t5-large": 1}

@@ -86,3 +86,41 @@ def test_auto_falls_back_when_the_teachers_only_worker_stops(redis_aof, models_f
     assert detail == "t5-xxl: no live worker; t5-xxl-int8: no live worker", detail
     # none lost, none left waiting, none failed
     assert len(groups["succeeded"]) == len(accepted) and not groups["pending"] and not groups["lost"], figures
+
+
+def test_a_deep_queue_sends_the_route_to_its_fallback(redis_aof, models_file, demo_dir, tmp_path):
+    """`max_queue_depth: 1`: while t5-base's only worker runs a slow job with three more waiting behind it, a shape
+    prompt to the route runs on the fallback t5-large and says why; once the queue has drained it is t5-base again.
+    (Three wait, not two, so that the depth is still over the bound if the first job ends just before the request.)"""
+    import yaml
+
+    from service.models.registry import with_absolute_sources
+
+    models = with_absolute_sources(yaml.safe_load(open(models_file).read()), demo_dir)
+    models["routes"] = {"auto": {"rules": [{"name": "written-text", "text": True, "encoder": "t5-xxl"}],
+                                 "default": "t5-base", "fallback": ["t5-large"], "max_queue_depth": 1}}
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump(models))
+    stack = Stack(redis_aof.url, tmp_path / "models.yaml", tmp_path)
+    try:
+        api_url = stack.start_api()
+        flux = {"T2I_WORKER_PIPELINES": "flux", "T2I_MAX_BATCH": "1"}
+        base = stack.start_worker({**flux, "T2I_WORKER_ENCODERS": "t5-base"})
+        stack.start_worker({**flux, "T2I_WORKER_ENCODERS": "t5-large"})
+        slow = {"prompt": "a slow job", "width": 256, "height": 256, "steps": 40}  # ~1.5 s on a quiet core
+        with httpx.Client(base_url=api_url, timeout=60) as api:
+            queued = [api.post("/v1/generate?encoder=t5-base", json={**slow, "seed": k}).json()["id"]
+                      for k in range(4)]
+            wait_for(lambda: api.get(f"/v1/jobs/{queued[0]}").json()["status"] == "running", START_CAP_S,
+                     "the first long job to start")
+            deep = api.post("/v1/generate?wait=true&encoder=auto", json={"prompt": SHAPE, "steps": 2}).json()
+            assert deep["status"] == "succeeded" and deep["encoder"] == "t5-large", deep
+            assert (deep["routing"]["picked"], deep["routing"]["reason"]) == ("t5-base", "fallback-queue-depth")
+            assert deep["routing"]["detail"] in {f"t5-base: {n} jobs waiting > max_queue_depth 1" for n in (2, 3)}, \
+                deep["routing"]
+            # no job ending for the time of a start-up and four slow jobs, forty times slower than a quiet core
+            views = settle(api, queued, stall_bound(base.info["startup_s"], 60.0))
+            assert all(v["status"] == "succeeded" for v in views.values()), views
+            calm = api.post("/v1/generate?wait=true&encoder=auto", json={"prompt": SHAPE, "steps": 2}).json()
+            assert (calm["encoder"], calm["routing"]["reason"]) == ("t5-base", "default"), calm
+    finally:
+        stack.stop_all()
