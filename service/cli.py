@@ -375,11 +375,17 @@ def cmd_world_eval(args: argparse.Namespace) -> None:
     from service.models.registry import Registry
     from service.models.sizes import encoder_row
     from trainer.world.accuracy import encoder_accuracy, held_out_prompts, markdown_table, plot_frontier
-    from trainer.world.captions import novel_prompts
+    from trainer.world.captions import VALIDATION_SEED, novel_prompts
 
     registry = Registry.from_file(models_file(args))
+    if args.cfg is not None:
+        spec = registry.pipeline(args.pipeline).model_copy(update={"true_cfg_scale": args.cfg})
+        registry = registry.model_copy(update={"pipelines": {**registry.pipelines, args.pipeline: spec}})
     generator = Generator(registry)
-    prompts = novel_prompts(args.prompts) if args.novel else held_out_prompts(args.prompts)
+    if args.validation:
+        prompts = held_out_prompts(args.prompts, seed=VALIDATION_SEED, kinds=("single", "count", "relation"))
+    else:
+        prompts = novel_prompts(args.prompts) if args.novel else held_out_prompts(args.prompts)
     report = {}
     for name in args.encoder or list(registry.encoders):
         route = registry.route(name)
@@ -576,6 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
     we.add_argument("--seeds", type=int, default=1, help="seeds per prompt (default 1)")
     we.add_argument("--novel", action="store_true",
                     help="only combinations training never saw (colour x shape x position, word x template)")
+    we.add_argument("--validation", action="store_true",
+                    help="semantic prompts from the validation seed instead of the held-out one: tune defaults "
+                         "(such as --cfg) here, never on the held-out set")
+    we.add_argument("--cfg", type=float, help="true classifier-free guidance (default: the pipeline's)")
     we.add_argument("--out", help="also write the JSON report here")
     we.add_argument("--chart", help="also draw accuracy against encoder bytes (PNG) here")
     we.set_defaults(func=cmd_world_eval)

@@ -9,6 +9,7 @@ import re
 from trainer.world.scene import KINDS, OBJECT_SIZES, PALETTE, POSITIONS, RELATIONS, SHAPES, WORDS, Scene, sample
 
 EVAL_SEED = 10_000  # training draws scenes from seeds < 10_000
+VALIDATION_SEED = 4242  # semantic prompts for choosing defaults (guidance, steps); the held-out set is never tuned on
 
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 POSITION_PHRASES = {

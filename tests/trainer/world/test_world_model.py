@@ -110,3 +110,32 @@ def test_world_eval_reports_intervals_bytes_and_draws_the_frontier(tmp_path, cap
     assert report["t5-small"]["bytes"] < report["t5-xxl-nf4"]["bytes"] < report["t5-xxl"]["bytes"]
     assert Image.open(chart).size[0] > 500
     assert "| t5-xxl-nf4 |" in capsys.readouterr().out
+
+
+def test_world_eval_of_a_route_and_of_a_validation_guidance(tmp_path, capsys):
+    """`--encoder auto` runs each prompt on the encoder the route picks (the same images as naming it: the same
+    scores), and reports jobs per encoder and the mean bytes per job; `--validation --cfg` evaluates only semantic prompts,
+    those of the validation seed, at the guidance given."""
+    import json
+
+    from service.cli import main
+    from trainer.world.captions import held_out_prompts, parse
+
+    out = tmp_path / "eval.json"
+    assert main(["world", "eval", "--models-file", str(MINIATURE_KIT), "--encoder", "t5-xxl", "--encoder", "t5-base",
+                 "--encoder", "auto", "--prompts", "8", "--steps", "4", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    kinds = [parse(p)["kind"] for p in held_out_prompts(8)]
+    assert report["auto"]["routed"] == {"t5-base": kinds.count("single") + kinds.count("count")
+                                        + kinds.count("relation"), "t5-xxl": kinds.count("text")}
+    assert report["auto"]["criteria"]["text_rendering"] == report["t5-xxl"]["criteria"]["text_rendering"]
+    assert report["auto"]["criteria"]["semantics"] == report["t5-base"]["criteria"]["semantics"]
+    routed = report["auto"]["routed"]
+    assert report["auto"]["bytes"] == round((report["t5-xxl"]["bytes"] * routed["t5-xxl"]
+                                             + report["t5-base"]["bytes"] * routed["t5-base"]) / 8)
+    assert "| auto |" in capsys.readouterr().out
+
+    assert main(["world", "eval", "--models-file", str(MINIATURE_KIT), "--encoder", "t5-xxl", "--validation",
+                 "--cfg", "1.0", "--prompts", "6", "--steps", "4", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["t5-xxl"]["n"]["semantics"] == 6 and "text_rendering" not in report["t5-xxl"]["n"]
