@@ -16,6 +16,7 @@ the embedded default whenever no models file is configured, and what the tests u
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,6 +363,14 @@ def make_demo(out_dir: str | Path, *, overwrite: bool = False) -> Path:
         "# The demo model kit, written by `t2i models make-demo`. Paths are relative to this file.\n"
         + yaml.safe_dump(models_file_dict(), sort_keys=False)
     )
+
+    # 5. Every file as readable as the umask allows: safetensors writes its files 0600, and a container's own user
+    #    (the image runs as uid 10001) could not read a kit mounted at /models.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

@@ -1,4 +1,5 @@
 import hashlib
+import os
 
 from service.cli import main
 
@@ -27,3 +28,11 @@ def test_make_demo_refuses_a_non_empty_dir(tmp_path, capsys):
     assert main(["models", "make-demo", str(tmp_path / "x")]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+def test_make_demo_files_are_as_readable_as_the_umask_allows(demo_dir):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    files = [p for p in demo_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)  # safetensors alone would write these 0600
+    assert {p: oct(p.stat().st_mode & 0o777) for p in files} == {p: oct(0o666 & ~umask) for p in files}
