@@ -86,6 +86,8 @@ def test_compose_commands_ports_and_scrape_targets_match_the_cli():
     redis = compose()["services"]["redis"]
     assert "--appendonly" in redis["command"] and redis["healthcheck"]["test"][0] == "CMD"
     assert services["api"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    for name, service in compose()["services"].items():  # published on loopback unless STACK_BIND says otherwise
+        assert all(port.startswith("${STACK_BIND:-127.0.0.1}:") for port in service.get("ports", [])), name
     grafana = compose()["services"]["grafana"]
     mounted = {v.split(":")[0] for v in grafana["volumes"]}
     assert {"./deploy/grafana/provisioning", "./deploy/grafana/dashboards"} <= mounted
@@ -120,8 +122,13 @@ def test_dockerfile_facts():
     assert exposed == {str(Settings().port), str(Settings().worker_metrics_port)}
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert ignore[[line.strip() for line in ignore].index("*")] == "*"  # everything out, then an allow-list
-    for needed in ("!pyproject.toml", "!README.md", "!requirements.lock", "!service/", "!trainer/"):
+    for needed in ("!pyproject.toml", "!README.md", "!requirements.lock", "!service/", "!trainer/", "!wheelhouse/",
+                   "!deploy/docker/no-wheelhouse/"):
         assert needed in ignore
+    # Air-gapped builds: the base is a build argument, and no `# syntax=` line (BuildKit would pull that frontend).
+    assert "ARG PYTHON_IMAGE=python:${PYTHON}-slim" in text and "FROM ${PYTHON_IMAGE} AS runtime-cpu" in text
+    assert "ARG WHEELHOUSE=deploy/docker/no-wheelhouse" in text and "--no-index --find-links /wheelhouse" in text
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
 
 
 def test_requirements_lock_agrees_with_pyproject():
@@ -178,6 +185,8 @@ def test_kubernetes_workers_gpus_probes_scraping_and_autoscaling():
     assert api_args.command == "api" and api["ports"][0]["containerPort"] == api_args.port
     for c in (container, api):
         assert {e["name"] for e in c["env"]} <= SETTINGS
+    keys = next(e for e in api["env"] if e["name"] == "T2I_API_KEYS")  # it binds 0.0.0.0: it needs keys
+    assert ("Secret", keys["valueFrom"]["secretKeyRef"]["name"]) in docs
     assert set(docs[("ConfigMap", "t2i-config")]["data"]) <= SETTINGS
     assert ("PodDisruptionBudget", "t2i-worker") in docs and ("StatefulSet", "redis") in docs
     assert "--appendonly" in docs[("StatefulSet", "redis")]["spec"]["template"]["spec"]["containers"][0]["args"]
