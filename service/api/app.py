@@ -51,7 +51,10 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        client = aioredis.Redis.from_url(settings.redis_url, health_check_interval=10)
+        # A `?wait=true` request blocks on Redis (BLMOVE) for up to T2I_WAIT_TIMEOUT_S: the socket timeout must outlast
+        # it (redis-py's default of 5 s would fail every wait on a job longer than that).
+        client = aioredis.Redis.from_url(settings.redis_url, health_check_interval=10,
+                                         socket_timeout=settings.wait_timeout_s + 10)
         app.state.queue = QueueClient(client, max_queue=settings.max_queue, result_ttl_s=settings.result_ttl_s,
                                       upload_ttl_s=settings.upload_ttl_s)
         gauges = asyncio.create_task(_update_gauges(app.state.queue, period_s=2.0))

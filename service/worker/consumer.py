@@ -107,15 +107,15 @@ class Consumer:
         pipe.execute()
 
     # -- job state ---------------------------------------------------------------------------------------------
-    def start(self, claim: Claim) -> tuple[str, dict[str, str]]:
-        """Mark the job running (or learn that it was cancelled or finished meanwhile), announce it and read its
-        fields, in one call. Returns (status, fields)."""
-        status, flat = self._start(
-            keys=[queue.job_key(claim.job_id), queue.QUEUED],
-            args=[claim.job_id, self.worker_id, time.time(), self.result_ttl_s, queue.events_channel(claim.job_id),
-                  event("status", status="running", worker=self.worker_id), event("status", status="cancelled")],
-        )
-        return _s(status), decode_hash(dict(zip(flat[::2], flat[1::2])))
+    def start(self, claims: list[Claim]) -> list[tuple[str, dict[str, str]]]:
+        """Mark each job running (or learn that it was cancelled or finished meanwhile), announce it and read its
+        fields: one script per job, all in one round trip. Returns (status, fields) per claim."""
+        replies = self._run(self._start, [
+            ([queue.job_key(claim.job_id), queue.QUEUED],
+             [claim.job_id, self.worker_id, time.time(), self.result_ttl_s, queue.events_channel(claim.job_id),
+              event("status", status="running", worker=self.worker_id), event("status", status="cancelled")])
+            for claim in claims])
+        return [(_s(status), decode_hash(dict(zip(flat[::2], flat[1::2])))) for status, flat in replies]
 
     def step(self, job_ids: list[str], step: int, steps: int, *, report: bool) -> list[bool]:
         """One round trip per denoising step for a whole batch: report progress (when `report`) and read each
@@ -129,23 +129,41 @@ class Consumer:
             pipe.hget(queue.job_key(job_id), "cancel")
         return [flag == b"1" for flag in pipe.execute()[-len(job_ids):]]
 
-    def finish(self, claim: Claim, status: JobStatus, fields: dict[str, str | int | float],
-               images: list[bytes] = ()) -> JobStatus | None:
-        """Store the outcome, announce it and release the claim, atomically. Returns the status stored (cancelled
-        for a success whose job was cancelled meanwhile), or None when another run of the job finished first."""
-        flat: list = []
-        for key, value in fields.items():
-            flat += [key, value]
-        announced = event("status", status=status.value, **{k: v for k, v in fields.items()
-                                                             if k in ("error", "error_type")})
+    def finish(self, outcomes: list[tuple[Claim, JobStatus, dict[str, str | int | float], list[bytes]]]
+               ) -> list[JobStatus | None]:
+        """Store each job's outcome (claim, status, fields, images), announce it and release its claim, atomically
+        per job, all in one round trip. Returns per job the status stored (cancelled for a success whose job was
+        cancelled meanwhile), or None when another run of the job finished first."""
         cancelled = event("status", status="cancelled", error="job cancelled during denoising",
                           error_type="cancelled")
-        done = self._finish(
-            keys=[queue.job_key(claim.job_id), claim.stream],
-            args=[claim.job_id, status.value, time.time(), self.result_ttl_s, queue.events_channel(claim.job_id),
-                  announced, cancelled, queue.GROUP, claim.entry_id, len(fields), *flat, *images],
-        )
-        return {0: None, 1: status, 2: JobStatus.cancelled}[int(done)]
+        calls = []
+        for claim, status, fields, images in outcomes:
+            flat: list = []
+            for key, value in fields.items():
+                flat += [key, value]
+            announced = event("status", status=status.value, **{k: v for k, v in fields.items()
+                                                                 if k in ("error", "error_type")})
+            calls.append(([queue.job_key(claim.job_id), claim.stream],
+                          [claim.job_id, status.value, time.time(), self.result_ttl_s,
+                           queue.events_channel(claim.job_id), announced, cancelled, queue.GROUP, claim.entry_id,
+                           len(fields), *flat, *images]))
+        return [{0: None, 1: status, 2: JobStatus.cancelled}[int(done)]
+                for (_, status, _, _), done in zip(outcomes, self._run(self._finish, calls))]
+
+    def _run(self, script, calls: list[tuple[list, list]]) -> list:
+        """One script, once per (keys, args), in one round trip (EVALSHA in a pipeline). A server that does not know
+        the script (restarted, or flushed) answers NOSCRIPT to every call, so none ran: load it, then run them."""
+        def execute() -> list:
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            return pipe.execute()
+
+        try:
+            return execute()
+        except redis.exceptions.NoScriptError:
+            script.sha = self.client.script_load(script.script)
+            return execute()
 
     def publish(self, job_id: str, message: str) -> None:
         self.client.publish(queue.events_channel(job_id), message)

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import threading
@@ -52,7 +53,9 @@ class Worker:
         self.registry = registry
         if settings.log_prompts:  # the operator asked for prompts in the logs (they may be private)
             log.setLevel(logging.INFO)
-        self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
+        # Host and pid name it for people; the random part keeps it unique where they repeat (containers on the host
+        # network all run as pid 1 on the same host name).
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.pipelines = settings.worker_pipelines or list(registry.pipelines)
         self.encoder_names = settings.worker_encoders or list(registry.encoders)
         for name in self.pipelines:
@@ -140,8 +143,8 @@ class Worker:
             claims += self._with_retry(lambda: self.consumer.claim_more(
                 claim.stream, self.settings.max_batch - 1, wait_ms)) or []
         jobs = []
-        for c in claims:
-            status, fields = self._with_retry(lambda c=c: self.consumer.start(c))
+        started = self._with_retry(lambda: self.consumer.start(claims))
+        for c, (status, fields) in zip(claims, started):
             if status != "running":
                 self._with_retry(lambda c=c: self.consumer.release(c))
                 continue
@@ -217,15 +220,18 @@ class Worker:
                 torch.cuda.empty_cache()
         elapsed = time.perf_counter() - start
         peak = peak_bytes(device)
+        outcomes = []
         for i, job in enumerate(jobs):
             job_outcome, stored, images = outcome, dict(failure or {}), []
             if outcome == JobStatus.succeeded:
                 job_outcome, stored, images = self._stored(job, results[i], device, peak, elapsed)
-            stored_as = self._with_retry(lambda: self.consumer.finish(job.claim, job_outcome, stored, images))
-            if stored_as is None:
+            outcomes.append((job.claim, job_outcome, stored, images))
+        stored_as = self._with_retry(lambda: self.consumer.finish(outcomes))
+        for job, (_, job_outcome, _, _), as_stored in zip(jobs, outcomes, stored_as):
+            if as_stored is None:
                 log.warning("job %s was already finished by another run; this result is dropped", job.claim.job_id)
             else:
-                job_outcome = stored_as  # a success whose job was cancelled meanwhile is stored as cancelled
+                job_outcome = as_stored  # a success whose job was cancelled meanwhile is stored as cancelled
             metrics.JOBS.labels(pipeline, encoder_name, job_outcome.value).inc()
             metrics.JOB_SECONDS.labels(pipeline, encoder_name).observe(elapsed)
             metrics.JOB_PEAK_MEMORY_BYTES.labels(pipeline, encoder_name, str(device)).set(peak)

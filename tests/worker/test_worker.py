@@ -230,3 +230,17 @@ def test_the_embedding_cache_can_be_turned_off(own_stack):
                 "succeeded"
     assert "t2i_embedding_cache_requests_total{" not in httpx.get(worker.info["metrics_url"]).text
     assert own_stack.redis.zcard(queue.EMBEDDING_LRU) == 0
+
+
+def test_a_wait_outlasts_a_job_longer_than_redis_clients_default_socket_timeout(own_stack):
+    """`?wait=true` blocks on Redis for the whole job: a job over redis-py's default 5 s socket timeout still
+    answers 200 with the finished job. Two workers on one host get distinct ids."""
+    api_url = own_stack.start_api()
+    workers = [own_stack.start_worker(), own_stack.start_worker()]
+    assert workers[0].info["id"] != workers[1].info["id"]
+    with httpx.Client(base_url=api_url, timeout=600) as api:
+        response = api.post("/v1/generate?wait=true", json=LONG_JOB)
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["status"] == "succeeded" and job["timings"]["total"] > 5, job  # the job outlasted 5 s
+
