@@ -3,8 +3,7 @@
 - overhead: the same prompts and seeds, sequential, through a plain loop calling the stock `FluxPipeline` (T5 inside
   it) vs through HTTP + queue + worker. Target: p50 added latency per job <= 5 ms.
 - throughput: concurrency 16, dynamic batching off (T2I_MAX_BATCH=1) vs on (4, and 8: the default), and the plain
-  loop. Target:
-  >= 2x jobs/s with batching on vs off, and no p95 latency above 2x the unbatched p95.
+  loop. Target: >= 3x jobs/s with batching on vs off, and a p95 latency no worse than the unbatched p95.
 - startup: from spawning a worker to its first heartbeat (ready), and the first job's latency against a warm one.
 
     python -m bench run overhead throughput startup         # add --tiny for a quick check
@@ -309,9 +308,9 @@ def run_throughput(tiny: bool = False) -> dict:
         "setting": f"demo FLUX kit, {SIZE}x{SIZE}, {STEPS} steps, one worker with 1 thread, embedding cache off",
         "rows": rows,
         "targets": [
-            target(f"jobs/s, batching on (default, {default}) vs off", on["jobs_per_s"] / off["jobs_per_s"], ">=", 2,
+            target(f"jobs/s, batching on (default, {default}) vs off", on["jobs_per_s"] / off["jobs_per_s"], ">=", 3,
                    "x"),
-            target(f"p95 latency, batching on (default, {default}) vs off", on["p95_s"] / off["p95_s"], "<=", 2, "x"),
+            target(f"p95 latency, batching on (default, {default}) vs off", on["p95_s"] / off["p95_s"], "<=", 1, "x"),
         ],
     }
     save("throughput", record)
