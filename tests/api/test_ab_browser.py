@@ -79,6 +79,10 @@ def test_compare_two_encoders_then_vote(served, page):
     # 1. The form is filled from the API: prompt sets, pipelines, encoders with the teacher as reference.
     page.wait_for_selector("#encoders input[value='t5-base']")
     assert page.input_value("#reference") == "t5-xxl"
+    # a route is offered as a column (labelled `route`, its rules on hover), never as the reference
+    route = page.query_selector("#encoders label:has(input[value='auto'])")
+    assert route is not None and "route" in route.inner_text() and "written-text" in route.get_attribute("title")
+    assert page.query_selector("#reference option[value='auto']") is None
     page.select_option("#prompt-set", "")
     page.fill("#prompts", "a red fox in snow\na lighthouse at night")
     for box in page.query_selector_all("#encoders input"):
