@@ -103,7 +103,7 @@ class RouteRule(BaseModel):
                              f"{', '.join(given) or 'none'}")
         if self.regex is not None:
             try:
-                compile_pattern(self.regex)
+                self._compiled  # compiled once, here, and kept for matching
             except ValueError as exc:
                 raise ValueError(f"regex {self.regex!r} {exc}") from None
         if self.name in RESERVED_RULE_NAMES:
