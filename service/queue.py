@@ -18,6 +18,7 @@ job is never half-enqueued, and a job finished twice (a redelivered duplicate) k
     t2i:idem:{key}              Idempotency-Key -> job id
     t2i:upload:{id}             bytes of an uploaded control image; expires `upload_ttl_s` after its last use
     t2i:events:{id}             pub/sub channel of a job's progress and status events
+    t2i:cancel:{worker id}      pub/sub channel: ids of the worker's running jobs that were just cancelled
     t2i:compares                zset: compare run ids by creation time
     t2i:compare:{id}            JSON of a compare run (its request and its grid of job ids)
     t2i:compare:{id}:cells      hash: cell -> JSON of its metrics, once every job of the cell has ended
@@ -49,6 +50,13 @@ def done_key(job_id: str) -> str:
 
 def image_key(job_id: str, n: int) -> str:
     return f"{PREFIX}:job:{job_id}:image:{n}"
+
+
+CANCEL_CHANNEL_PREFIX = f"{PREFIX}:cancel:"
+
+
+def cancel_channel(worker_id: str) -> str:
+    return CANCEL_CHANNEL_PREFIX + worker_id
 
 
 def upload_key(upload_id: str) -> str:
@@ -168,7 +176,8 @@ return {'running', redis.call('HGETALL', KEYS[1])}
 """
 
 # KEYS: job, stream ; ARGV: job id, status, now, ttl, events channel, the status event, the 'cancelled' event,
-#       group, stream entry id, field/value count, field1, value1, ..., image1, image2, ...
+#       group, stream entry id, the last progress event ('' for none: announced before the status event, so the
+#       worker makes no round trip at the last step), field/value count, field1, value1, ..., image1, image2, ...
 # Stores the outcome, announces it, and acknowledges and deletes the stream entry, in one atomic call: a worker that
 # dies after it leaves nothing to redeliver. A 'succeeded' outcome of a job whose cancel flag was set meanwhile is
 # stored as cancelled, without images.
@@ -188,10 +197,10 @@ if ARGV[2] == 'succeeded' and redis.call('HGET', KEYS[1], 'cancel') == '1' then
   redis.call('PUBLISH', ARGV[5], ARGV[7])
   return 2
 end
-local nfields = tonumber(ARGV[10])
+local nfields = tonumber(ARGV[11])
 local args = {'status', ARGV[2], 'finished_at', ARGV[3]}
-for i = 1, nfields * 2 do table.insert(args, ARGV[10 + i]) end
-local first_image = 11 + nfields * 2
+for i = 1, nfields * 2 do table.insert(args, ARGV[11 + i]) end
+local first_image = 12 + nfields * 2
 local n = 0
 for i = first_image, #ARGV do
   local key = KEYS[1] .. ':image:' .. tostring(n)
@@ -203,11 +212,14 @@ redis.call('HSET', KEYS[1], unpack(args))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('RPUSH', KEYS[1] .. ':done', ARGV[2])
 redis.call('EXPIRE', KEYS[1] .. ':done', 300)
+if ARGV[10] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[10]) end
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
 """
 
-# KEYS: job, queued ; ARGV: job id, now, ttl
+# KEYS: job, queued ; ARGV: job id, now, ttl, the cancel channel prefix
+# A running job gets its cancel flag, and its worker is told on its cancel channel, so that it stops at the next step
+# without reading the flag on every step (it still reads it with each progress report, in case the message is lost).
 # -> 'cancelled' (was queued) | 'cancelling' (running: stops at its next step) | terminal status | 'gone'
 CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -223,6 +235,8 @@ if status == 'queued' then
 end
 if status == 'running' then
   redis.call('HSET', KEYS[1], 'cancel', '1')
+  local worker = redis.call('HGET', KEYS[1], 'worker')
+  if worker then redis.call('PUBLISH', ARGV[4] .. worker, ARGV[1]) end
   return 'cancelling'
 end
 return status

@@ -49,10 +49,7 @@ class QueueClient:
 
     async def fields(self, job_id: str, owner: str | None = None) -> dict[str, str]:
         """The job's stored fields; 404 when it is unknown, expired, or (with `owner`) another key's."""
-        fields = decode_hash(await self.client.hgetall(queue.job_key(job_id)))
-        if not fields or (owner is not None and fields.get("owner", ANONYMOUS) != owner):
-            raise NotFoundError(f"job {job_id!r} not found (unknown or expired)", field="job_id")
-        return fields
+        return _owned(job_id, decode_hash(await self.client.hgetall(queue.job_key(job_id))), owner)
 
     async def position(self, job_id: str) -> int | None:
         return await self.client.zrank(queue.QUEUED, job_id)
@@ -90,7 +87,8 @@ class QueueClient:
 
     async def cancel(self, job_id: str) -> str:
         result = _s(await self._cancel(keys=[queue.job_key(job_id), queue.QUEUED],
-                                       args=[job_id, time.time(), self.result_ttl_s]))
+                                       args=[job_id, time.time(), self.result_ttl_s,
+                                             queue.CANCEL_CHANNEL_PREFIX]))
         if result == "gone":
             raise NotFoundError(f"job {job_id!r} not found (unknown or expired)", field="job_id")
         if result == "cancelled":
@@ -156,15 +154,30 @@ class QueueClient:
                 if parsed["type"] == "status" and JobStatus(parsed["status"]).terminal:
                     return
 
-    async def wait(self, job_id: str, timeout_s: float, *, just_queued: bool = False) -> None:
-        """Return when the job has ended or `timeout_s` has passed: one blocking BLMOVE on the job's done list (which
-        the finishing script fills), rotating it in place so that every waiter on the same job wakes. The status is
-        read first unless the job was `just_queued` by this request: a job that ended long ago has no done list left
-        (it expires after 300 s), and a wait on it would block."""
-        if not just_queued and JobStatus((await self.fields(job_id))["status"]).terminal:
-            return
+    async def wait(self, job_id: str, timeout_s: float, *, just_queued: bool = False,
+                   owner: str | None = None) -> dict[str, str]:
+        """The job's fields once it has ended, or as they are when `timeout_s` has passed. One blocking BLMOVE on the
+        job's done list (which the finishing script fills), rotating it in place so that every waiter on the same
+        job wakes, pipelined with the read of the fields: Redis runs the read when the wait returns, so the answer
+        comes in the same round trip. The status is read first unless the job was `just_queued` by this request: a
+        job that ended long ago has no done list left (it expires after 300 s), and a wait on it would block."""
+        if not just_queued:
+            fields = await self.fields(job_id, owner)
+            if JobStatus(fields["status"]).terminal:
+                return fields
         key = queue.done_key(job_id)
-        await self.client.blmove(key, key, timeout=max(timeout_s, 0.01), src="LEFT", dest="RIGHT")
+        pipe = self.client.pipeline(transaction=False)
+        pipe.blmove(key, key, timeout=max(timeout_s, 0.01), src="LEFT", dest="RIGHT")
+        pipe.hgetall(queue.job_key(job_id))
+        _, raw = await pipe.execute()
+        return _owned(job_id, decode_hash(raw), owner)
+
+
+def _owned(job_id: str, fields: dict[str, str], owner: str | None) -> dict[str, str]:
+    """`fields` when the job exists and (with `owner`) is that key's; otherwise 404, the same for both."""
+    if not fields or (owner is not None and fields.get("owner", ANONYMOUS) != owner):
+        raise NotFoundError(f"job {job_id!r} not found (unknown or expired)", field="job_id")
+    return fields
 
 
 def _s(value) -> str:

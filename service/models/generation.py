@@ -252,7 +252,7 @@ class Generator:
             if on_step is not None:
                 on_step(step_index + 1, steps)
             if should_stop is not None and should_stop():
-                raise CancelledError("job cancelled during denoising")
+                raise CancelledError(f"job cancelled at denoising step {step_index + 1} of {steps}")
             return callback_kwargs
 
         output = pipe(

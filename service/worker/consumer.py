@@ -1,6 +1,7 @@
 """The worker's side of the queue: claim, start, report progress, finish, keep claims fresh, take over the dead's.
 
-Synchronous redis-py: a worker does one job at a time, and its heartbeat thread shares the client's pool.
+Synchronous redis-py: a worker does one job at a time, and its heartbeat thread shares the client's pool. A third
+thread listens on the worker's cancel channel, so that a denoising step learns of a cancel without a round trip.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class Consumer:
         self._start = client.register_script(queue.START)
         self._finish = client.register_script(queue.FINISH)
         self._last_reclaim = 0.0
+        self.cancels: dict[str, float] = {}  # job id -> when its cancel message came
+        self._listener = None
 
     def ensure_groups(self) -> None:
         for stream in self.streams:
@@ -118,21 +121,45 @@ class Consumer:
         return [(_s(status), decode_hash(dict(zip(flat[::2], flat[1::2])))) for status, flat in replies]
 
     def step(self, job_ids: list[str], step: int, steps: int, *, report: bool) -> list[bool]:
-        """One round trip per denoising step for a whole batch: report progress (when `report`) and read each
-        job's cancel flag."""
+        """Whether each job of a batch was cancelled, at a denoising step. A step that reports progress (`report`)
+        writes and announces it and reads the cancel flags, for the whole batch in one round trip; any other step
+        makes none and goes by the cancel messages (`listen_for_cancels`). A message lost to a broken connection
+        delays a cancel to the next report, at most `T2I_PROGRESS_INTERVAL_S`."""
+        pushed = [job_id in self.cancels for job_id in job_ids]
+        if not report:
+            return pushed
         pipe = self.client.pipeline(transaction=False)
-        if report:
-            for job_id in job_ids:
-                pipe.hset(queue.job_key(job_id), mapping={"step": step, "steps": steps})
-                pipe.publish(queue.events_channel(job_id), event("progress", step=step, steps=steps))
+        for job_id in job_ids:
+            pipe.hset(queue.job_key(job_id), mapping={"step": step, "steps": steps})
+            pipe.publish(queue.events_channel(job_id), event("progress", step=step, steps=steps))
         for job_id in job_ids:
             pipe.hget(queue.job_key(job_id), "cancel")
-        return [flag == b"1" for flag in pipe.execute()[-len(job_ids):]]
+        flags = pipe.execute()[-len(job_ids):]
+        return [was_pushed or flag == b"1" for was_pushed, flag in zip(pushed, flags)]
+
+    # -- cancel messages -----------------------------------------------------------------------------------------
+    def listen_for_cancels(self) -> None:
+        """Subscribe to this worker's cancel channel (the cancel script publishes a running job's id there) and
+        collect the ids in `cancels`, in a thread that reconnects and resubscribes after a connection error."""
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(**{queue.cancel_channel(self.worker_id): self._on_cancel})
+        self._listener = pubsub.run_in_thread(sleep_time=1.0, daemon=True, exception_handler=_listener_failed)
+
+    def forget_cancels(self, job_ids: list[str]) -> None:
+        """Drop the cancel messages of jobs that have ended here, and any older than the visibility timeout (a job
+        that ended before its message came)."""
+        oldest = time.monotonic() - self.visibility_ms / 1000
+        for job_id in list(self.cancels):
+            if job_id in job_ids or self.cancels[job_id] < oldest:
+                self.cancels.pop(job_id, None)
+
+    def _on_cancel(self, message: dict) -> None:
+        self.cancels[_s(message["data"])] = time.monotonic()
 
     def finish(self, outcomes: list[tuple[Claim, JobStatus, dict[str, str | int | float], list[bytes]]]
                ) -> list[JobStatus | None]:
-        """Store each job's outcome (claim, status, fields, images), announce it and release its claim, atomically
-        per job, all in one round trip. Returns per job the status stored (cancelled for a success whose job was
+        """Store each job's outcome (claim, status, fields, images), announce it (after its last progress, when the
+        fields carry `step` and `steps`) and release its claim, atomically per job, all in one round trip. Returns per job the status stored (cancelled for a success whose job was
         cancelled meanwhile), or None when another run of the job finished first."""
         cancelled = event("status", status="cancelled", error="job cancelled during denoising",
                           error_type="cancelled")
@@ -143,10 +170,11 @@ class Consumer:
                 flat += [key, value]
             announced = event("status", status=status.value, **{k: v for k, v in fields.items()
                                                                  if k in ("error", "error_type")})
+            progress = event("progress", step=fields["step"], steps=fields["steps"]) if "step" in fields else ""
             calls.append(([queue.job_key(claim.job_id), claim.stream],
                           [claim.job_id, status.value, time.time(), self.result_ttl_s,
                            queue.events_channel(claim.job_id), announced, cancelled, queue.GROUP, claim.entry_id,
-                           len(fields), *flat, *images]))
+                           progress, len(fields), *flat, *images]))
         return [{0: None, 1: status, 2: JobStatus.cancelled}[int(done)]
                 for (_, status, _, _), done in zip(outcomes, self._run(self._finish, calls))]
 
@@ -176,10 +204,18 @@ class Consumer:
         pipe.execute()
 
     def leave(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
         pipe = self.client.pipeline()
         pipe.zrem(queue.WORKERS, self.worker_id)
         pipe.delete(queue.worker_key(self.worker_id))
         pipe.execute()
+
+
+def _listener_failed(exc: BaseException, _pubsub, _thread) -> None:
+    """The cancel listener lost Redis: say so, pause, and let its next read reconnect and resubscribe."""
+    log.warning("cancel listener: %s; reconnecting", exc)
+    time.sleep(1.0)
 
 
 def _s(value: bytes | str) -> str:

@@ -94,6 +94,7 @@ class Worker:
                                  visibility_timeout_s=self.settings.visibility_timeout_s,
                                  result_ttl_s=self.settings.result_ttl_s)
         self._with_retry(self.consumer.ensure_groups)
+        self._with_retry(self.consumer.listen_for_cancels)
         if self.settings.embedding_cache:  # in memory, and shared in Redis when it has a byte budget
             store = RedisEmbeddingStore(
                 client, max_bytes=self.settings.embedding_cache_bytes, ttl_s=self.settings.embedding_cache_ttl_s,
@@ -187,12 +188,14 @@ class Worker:
             if self.settings.log_prompts:
                 for job in jobs:
                     log.info("job %s prompt: %s", job.claim.job_id, job.request.prompt)
-            cancelled, last_report = [False], [0.0]
+            cancelled, last_report, progress = [False], [time.monotonic()], {}
 
             def on_step(step: int, steps: int) -> None:
-                # progress at most every T2I_PROGRESS_INTERVAL_S (and always the last step); cancel flags every step
+                # progress at most every T2I_PROGRESS_INTERVAL_S, the last step's with the result (the finish
+                # script stores it); a cancel message at any step, the cancel flag with each progress report
                 now = time.monotonic()
-                report = step == steps or now - last_report[0] >= self.settings.progress_interval_s
+                progress.update(step=step, steps=steps)
+                report = step < steps and now - last_report[0] >= self.settings.progress_interval_s
                 if report:
                     last_report[0] = now
                 flags = self._with_retry(lambda: self.consumer.step(ids, step, steps, report=report))
@@ -214,6 +217,7 @@ class Worker:
             outcome, failure = JobStatus.failed, {"error": f"{type(exc).__name__}: {exc}", "error_type": "internal"}
         finally:
             self.current = []
+            self.consumer.forget_cancels([job.claim.job_id for job in jobs])
         if outcome != JobStatus.succeeded:
             gc.collect()
             if torch.cuda.is_available():
@@ -225,6 +229,7 @@ class Worker:
             job_outcome, stored, images = outcome, dict(failure or {}), []
             if outcome == JobStatus.succeeded:
                 job_outcome, stored, images = self._stored(job, results[i], device, peak, elapsed)
+                stored.update(progress)
             outcomes.append((job.claim, job_outcome, stored, images))
         stored_as = self._with_retry(lambda: self.consumer.finish(outcomes))
         for job, (_, job_outcome, _, _), as_stored in zip(jobs, outcomes, stored_as):

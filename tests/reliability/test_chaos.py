@@ -224,7 +224,8 @@ def test_redis_restart_loses_nothing_and_everyone_reconnects(redis_aof, models_f
     stack = Stack(redis_aof.url, models_file, tmp_path)
     try:
         api_url = stack.start_api()
-        worker = stack.start_worker({"T2I_MAX_BATCH": "1"})
+        # no progress reports: a cancel reaches the worker during a run only by its cancel channel
+        worker = stack.start_worker({"T2I_MAX_BATCH": "1", "T2I_PROGRESS_INTERVAL_S": "3600"})
         with httpx.Client(base_url=api_url, timeout=30) as api:
             stall_s = stall_bound(worker.info["startup_s"], job_seconds(api, 0))
             first = [submit(api, k) for k in range(jobs // 2)]
@@ -238,11 +239,18 @@ def test_redis_restart_loses_nothing_and_everyone_reconnects(redis_aof, models_f
             second = [submit(api, jobs // 2 + k) for k in range(jobs - jobs // 2)]
             views = settle(api, first + second, stall_s)
             groups = classify(views, stream_entries(stack.redis))
+            # the worker's cancel listener reconnected and subscribed again: a running job stops at a step
+            long_job = api.post("/v1/generate", json={"prompt": "a long job", "width": 512, "height": 512,
+                                                      "steps": 60, "seed": 1}).json()["id"]
+            wait_for(lambda: api.get(f"/v1/jobs/{long_job}").json()["status"] == "running", stall_s, "a long job")
+            api.delete(f"/v1/jobs/{long_job}")
+            cancelled = settle(api, [long_job], stall_s)[long_job]
         record("redis_restart", {"jobs": jobs, "queued_at_stop": queued_before, "succeeded": len(groups["succeeded"]),
                                  "pending": len(groups["pending"]), "lost": len(groups["lost"]),
                                  "ready_while_down": down_ready.status_code})
         assert queued_before >= 1 and down_ready.status_code == 503
         assert len(groups["succeeded"]) == jobs, {k: v[:3] for k, v in groups.items() if k != "succeeded"}
+        assert cancelled["status"] == "cancelled" and "denoising step" in cancelled["error"]["error"], cancelled
     finally:
         stack.stop_all()
 

@@ -1,6 +1,7 @@
 """Queue and worker guarantees with real worker processes: redelivery after SIGKILL, cancellation, bounds,
 the error boundary, graceful SIGTERM, and per-encoder metrics."""
 
+import re
 import shutil
 import signal
 
@@ -75,6 +76,22 @@ def test_cancel_queued_and_running_then_keep_serving(own_stack):
         assert after["status"] == "succeeded"
         never = job(api, second)
         assert never["status"] == "cancelled" and never["started_at"] is None and never["attempts"] == 0
+
+
+def test_a_cancel_reaches_the_worker_between_its_progress_reports(own_stack):
+    """With no progress report due, the worker reads no cancel flag during the run: the job can stop at a step
+    only because the cancel script told its worker on the worker's cancel channel."""
+    api_url = own_stack.start_api()
+    own_stack.start_worker({"T2I_PROGRESS_INTERVAL_S": "3600"})
+    with httpx.Client(base_url=api_url, timeout=30) as api:
+        job_id = api.post("/v1/generate", json=LONG_JOB).json()["id"]
+        running(api, job_id, min_step=0)
+        assert api.delete(f"/v1/jobs/{job_id}").json()["status"] == "running"  # cancelling
+        done = finished(api, job_id, timeout_s=30)
+        assert done["status"] == "cancelled" and done["error"]["error_type"] == "cancelled"
+        stopped = re.search(r"at denoising step (\d+) of (\d+)", done["error"]["error"])
+        assert stopped and 1 <= int(stopped[1]) < int(stopped[2]) == LONG_JOB["steps"], done
+        assert api.post("/v1/generate?wait=true", json={"prompt": "next"}).json()["status"] == "succeeded"
 
 
 def test_full_queue_answers_429_with_retry_after(own_stack):

@@ -50,9 +50,10 @@ async def generate(
         raise
     metrics.REQUESTS.labels("generate", "accepted").inc()
     response.headers["Location"] = f"/v1/jobs/{job_id}"
+    fields = None  # read with the wait, in its round trip
     if wait:
-        await queue.wait(job_id, settings.wait_timeout_s, just_queued=created)
-    job = await view(queue, job_id, request, caller.owner)
+        fields = await queue.wait(job_id, settings.wait_timeout_s, just_queued=created, owner=caller.owner)
+    job = await view(queue, job_id, request, caller.owner, fields)
     if job.status.terminal:
         response.status_code = 200
     return job

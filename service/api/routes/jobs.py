@@ -18,8 +18,10 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
-async def view(queue: QueueClient, job_id: str, request: Request, owner: str) -> JobView:
-    fields = await queue.fields(job_id, owner)
+async def view(queue: QueueClient, job_id: str, request: Request, owner: str,
+               fields: dict[str, str] | None = None) -> JobView:
+    """The job as the API shows it, from `fields` when the caller has just read them."""
+    fields = fields if fields is not None else await queue.fields(job_id, owner)
     position = await queue.position(job_id) if fields["status"] == "queued" else None
     return job_view(fields, position=position, base_url=str(request.base_url).rstrip("/"))
 

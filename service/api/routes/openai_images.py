@@ -89,8 +89,7 @@ async def images_generations(body: ImagesRequest, request: Request, settings: Se
         metrics.REQUESTS.labels("images_generations", exc.error_type).inc()
         raise
     metrics.REQUESTS.labels("images_generations", "accepted").inc()
-    await queue.wait(job_id, settings.wait_timeout_s, just_queued=created)
-    fields = await queue.fields(job_id)
+    fields = await queue.wait(job_id, settings.wait_timeout_s, just_queued=created)
     status = JobStatus(fields["status"])
     if status != JobStatus.succeeded:
         if not status.terminal:
