@@ -354,7 +354,11 @@ def cmd_world_train(args: argparse.Namespace) -> None:
     torch_setup(args)
     from trainer.world.train import WorldConfig, train_world
 
-    given = {k: getattr(args, k) for k in ("steps", "vae_steps", "checkpoint_every") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("steps", "vae_steps", "checkpoint_every", "heads", "layers", "single_layers")
+             if getattr(args, k) is not None}
+    for key, value in given.items():
+        if value < 1:
+            raise ValidationError(f"`--{key.replace('_', '-')}`={value} must be at least 1", field=key)
     config = WorldConfig(**given)
     out = train_world(args.output, config, seed=args.seed)
     print(f"wrote the miniature world's model kit to {out}; use it with T2I_MODELS_FILE={out / 'models.yaml'}")
@@ -565,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--steps", type=int, help="denoiser training steps (default 5000)")
     wt.add_argument("--checkpoint-every", type=int,
                     help="steps between checkpoints in DIR/work (default 250); rerun the same command to resume")
+    wt.add_argument("--heads", type=int, help="denoiser attention heads of 32 dims each: its width (default 4)")
+    wt.add_argument("--layers", type=int, help="denoiser double-stream blocks (default 2)")
+    wt.add_argument("--single-layers", type=int, help="denoiser single-stream blocks (default 4)")
     wt.add_argument("--seed", type=int, default=0)
     wt.set_defaults(func=cmd_world_train)
     wp = world.add_parser("prompts", help="write the world's prompt set in the trainer's dataset format")

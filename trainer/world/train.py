@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel
 
+from service.errors import ConfigError
 from service.models.demo import T5Size, _clip_config, build_clip_tokenizer, build_student, build_t5_tokenizer
 from service.models.demo import build_teacher
 from service.models.registry import auto_route, quantized_teacher_entries
@@ -73,6 +74,12 @@ class WorldConfig:
     @property
     def latent_size(self) -> int:
         return SIZE // 2 ** (len(self.vae_channels) - 1)
+
+    @property
+    def architecture(self) -> dict:
+        """What a checkpoint's weights depend on: a run resumes only with the same."""
+        return {"vae_channels": list(self.vae_channels), "latent_channels": self.latent_channels,
+                "layers": self.layers, "single_layers": self.single_layers, "heads": self.heads}
 
 
 def batch(rng: random.Random, n: int) -> tuple[torch.Tensor, list[str]]:
@@ -150,6 +157,13 @@ def train_denoiser(transformer: FluxTransformer2DModel, vae: AutoencoderKL, teac
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=config.lr, weight_decay=0.0)
     ckpt, first = work / "denoiser", 1
     if (ckpt / "state.json").is_file():
+        saved = json.loads((ckpt / "state.json").read_text()).get("architecture", config.architecture)
+        changed = {k: (v, config.architecture[k]) for k, v in saved.items() if config.architecture.get(k) != v}
+        if changed:
+            name, (was, now) = next(iter(changed.items()))
+            raise ConfigError(f"the checkpoint in {ckpt} was trained with {name}={was}, and this run asks for "
+                              f"{name}={now}: resume with the same settings, or train into a new directory",
+                              field=name)
         transformer.load_state_dict(load_file(ckpt / "transformer.safetensors"))
         ema.load_state_dict(load_file(ckpt / "ema.safetensors"))
         load_optimizer(ckpt, optimizer)
@@ -201,7 +215,7 @@ def train_denoiser(transformer: FluxTransformer2DModel, vae: AutoencoderKL, teac
             save_file(transformer.state_dict(), tmp / "transformer.safetensors")
             save_file(ema.state_dict(), tmp / "ema.safetensors")
             save_optimizer(tmp, optimizer)
-            (tmp / "state.json").write_text(json.dumps({"step": step}))
+            (tmp / "state.json").write_text(json.dumps({"step": step, "architecture": config.architecture}))
             shutil.rmtree(ckpt, ignore_errors=True)
             tmp.rename(ckpt)
     return ema.eval()

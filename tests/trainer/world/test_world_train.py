@@ -69,3 +69,17 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
     a = load_file(tmp_path / "whole/pipelines/flux/transformer/diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "cut/pipelines/flux/transformer/diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_denoiser_width_is_a_flag_and_a_resume_with_another_is_refused(tmp_path):
+    import json
+
+    narrow = _train(tmp_path / "run", "--heads", "2")
+    assert narrow.returncode == 0, narrow.stderr[-2000:]
+    config = json.loads((tmp_path / "run/pipelines/flux/transformer/config.json").read_text())
+    assert config["num_attention_heads"] == 2
+    assert json.loads((tmp_path / "run/work/denoiser/state.json").read_text())["architecture"]["heads"] == 2
+    wider = _train(tmp_path / "run", "--heads", "3")
+    assert wider.returncode == 2 and "heads=2" in wider.stderr and "heads=3" in wider.stderr, wider.stderr[-2000:]
+    refused = _train(tmp_path / "other", "--heads", "0")
+    assert refused.returncode == 2 and "`--heads`=0 must be at least 1" in refused.stderr, refused.stderr[-2000:]
