@@ -82,8 +82,8 @@ async def check(params: GenerateParams, *, registry: Registry, queue: QueueClien
             workers = await queue.live_workers()
         if route is not None:
             decision = await decide_route(route, params, workers, queue)
-            if decision is None:
-                continue
+            if decision is None or (not fresh and not candidates_served(route, params, workers)):
+                continue  # a candidate the list lacks may have just started: decide again on a fresh list
             encoder = decision.encoder
         serving = [w for w in workers if params.pipeline in w["pipelines"] and encoder in w["encoders"]]
         if serving:
@@ -102,6 +102,14 @@ async def check(params: GenerateParams, *, registry: Registry, queue: QueueClien
                 field=field,
             )
     return encoder, decision
+
+
+def candidates_served(route: RouteSpec, params: GenerateParams, workers: list[dict]) -> bool:
+    """Whether some worker in `workers` serves each encoder this prompt could be routed to (its pick and the
+    fallbacks) with the job's pipeline."""
+    served = {name for w in workers if params.pipeline in w["pipelines"] for name in w["encoders"]}
+    picked, _rule = route.pick(params.prompt)
+    return all(name in served for name in (picked, *route.fallback))
 
 
 async def decide_route(route: RouteSpec, params: GenerateParams, workers: list[dict],

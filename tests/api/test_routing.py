@@ -123,3 +123,54 @@ def test_queue_depth_per_encoder_is_the_undelivered_jobs_of_its_stream(tmp_path)
         before, after = asyncio.run(scenario())
     assert before == {"t5-base": 3, "t5-large": 1, "t5-xxl": 0}
     assert after == {"t5-base": 2, "t5-large": 1}
+
+
+def test_a_route_reads_the_workers_again_when_a_candidate_is_missing_from_the_list_it_read_a_moment_ago(
+        demo_dir, tmp_path):
+    """The API reuses the live-worker list for up to a second. When that list lacks one of the encoders a prompt could
+    be routed to, the route reads it again before deciding, so a fallback worker that has just started is seen. A
+    worker cannot be started on cue inside that second, so the new worker's registration is written here as its first
+    heartbeat writes it (simulated: the worker's `Consumer.heartbeat` on a real server, no worker process)."""
+    import asyncio
+
+    import redis
+    import redis.asyncio as aioredis
+    import yaml
+
+    from service.api.queue_client import QueueClient
+    from service.api.submission import check
+    from service.jobs import GenerateParams
+    from service.models.registry import Registry, with_absolute_sources
+    from service.redis_server import EmbeddedRedis
+    from service.settings import Settings
+    from service.worker.consumer import Consumer
+
+    models = with_absolute_sources(yaml.safe_load((demo_dir / "models.yaml").read_text()), demo_dir)
+    models["routes"] = {"auto": {"rules": [{"name": "written-text", "text": True, "encoder": "t5-xxl"}],
+                                 "default": "t5-base", "fallback": ["t5-large"], "max_queue_depth": 1}}
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump(models))
+    registry = Registry.from_file(tmp_path / "models.yaml")
+
+    def register(sync_client, worker_id: str, encoder: str) -> None:
+        Consumer(sync_client, worker_id, [], visibility_timeout_s=60, result_ttl_s=60).heartbeat(
+            {"id": worker_id, "pipelines": {"flux": {"size_multiple": 16}}, "encoders": {encoder: {}}}, ttl_s=60)
+
+    with EmbeddedRedis(data_dir=tmp_path / "redis") as server:
+        sync_client = redis.Redis.from_url(server.url)
+        register(sync_client, "base-worker", "t5-base")
+
+        async def scenario():
+            client = aioredis.Redis.from_url(server.url)
+            queue_client = QueueClient(client, max_queue=100, result_ttl_s=60)
+            for k in range(3):  # three jobs wait for t5-base: over the route's bound of 1
+                await queue_client.enqueue({"prompt": f"p{k}", "pipeline": "flux", "encoder": "t5-base"})
+            assert [w["id"] for w in await queue_client.live_workers()] == ["base-worker"]  # the list, as read now
+            register(sync_client, "large-worker", "t5-large")  # the fallback's worker starts a moment later
+            decided = await check(GenerateParams(prompt="two green triangles", encoder="auto"), registry=registry,
+                                  queue=queue_client, settings=Settings())
+            await client.aclose()
+            return decided
+
+        encoder, decision = asyncio.run(scenario())
+        sync_client.close()
+    assert encoder == "t5-large" and decision.reason == "fallback-queue-depth", decision
