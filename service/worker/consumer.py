@@ -159,8 +159,9 @@ class Consumer:
     def finish(self, outcomes: list[tuple[Claim, JobStatus, dict[str, str | int | float], list[bytes]]]
                ) -> list[JobStatus | None]:
         """Store each job's outcome (claim, status, fields, images), announce it (after its last progress, when the
-        fields carry `step` and `steps`) and release its claim, atomically per job, all in one round trip. Returns per job the status stored (cancelled for a success whose job was
-        cancelled meanwhile), or None when another run of the job finished first."""
+        fields carry `step` and `steps`) and release its claim, atomically per job, all in one round trip. Returns
+        per job the status stored (cancelled for a success whose job was cancelled meanwhile), or None when another
+        run of the job finished first."""
         cancelled = event("status", status="cancelled", error="job cancelled during denoising",
                           error_type="cancelled")
         calls = []
