@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 
 from service.redis_server import free_port
-from tests.stack import wait_for
+from tests.stack import START_CAP_S, wait_for
 
 
 def children(pid: int) -> list[int]:
@@ -41,7 +41,7 @@ def test_serve_runs_the_whole_service_and_stops_everything(models_file, tmp_path
             except httpx.HTTPError:
                 return False
 
-        wait_for(ready, 90, "t2i serve to be ready", interval_s=0.3)
+        wait_for(ready, START_CAP_S, "t2i serve to be ready", interval_s=0.3)
         spawned = children(serve.pid)
         assert len(spawned) == 3  # Redis, worker, API
         job = httpx.post(f"{url}/v1/generate?encoder=t5-base&wait=true", json={"prompt": "a red fox in snow"},

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from service.redis_server import free_port
-from tests.stack import wait_for
+from tests.stack import START_CAP_S, wait_for
 
 CHROMIUM = os.environ.get("T2I_TEST_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("T2I_TEST_ARTIFACTS", "test-artifacts"))
@@ -41,7 +41,7 @@ def served(models_file, tmp_path_factory):
             return False
 
     try:
-        wait_for(ready, 120, "t2i serve to be ready", interval_s=0.3)
+        wait_for(ready, START_CAP_S, "t2i serve to be ready", interval_s=0.3)
         yield url
     finally:
         process.send_signal(signal.SIGTERM)

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from tests.pixels import pixel_diff
+from tests.stack import JOB_CAP_S, wait_for
 from service.models.generation import GenerationRequest
 
 
@@ -45,9 +46,7 @@ def test_202_location_and_polling(api):
     assert response.status_code == 202
     location = response.headers["location"]
     assert location == f"/v1/jobs/{response.json()['id']}"
-    from tests.stack import wait_for
-
-    job = wait_for(lambda: (j := api.get(location).json())["status"] == "succeeded" and j, 30, "the job")
+    job = wait_for(lambda: (j := api.get(location).json())["status"] == "succeeded" and j, JOB_CAP_S, "the job")
     assert job["worker"] and job["attempts"] == 1 and job["images"][0].endswith(f"{location}/images/0")
     assert job["progress"] == {"step": 4, "steps": 4}
 
@@ -112,10 +111,8 @@ def test_registry_endpoints_show_sizes_from_the_workers(api, stack):
     assert encoders["t5-base"]["width"] == 64 and stack.worker.info["id"] in encoders["t5-base"]["served_by"]
     run(api, {"prompt": "x"}, encoder="t5-large")
     encoders = {e["name"]: e for e in api.get("/v1/encoders").json()}
-    from tests.stack import wait_for
-
     wait_for(lambda: stack.worker.info["id"] in {e["name"]: e for e in api.get("/v1/encoders").json()}
-             ["t5-large"]["resident_on"], 5, "the heartbeat to show t5-large resident")
+             ["t5-large"]["resident_on"], JOB_CAP_S, "the heartbeat to show t5-large resident")
     pipelines = {p["name"]: p for p in api.get("/v1/pipelines").json()}
     assert pipelines["flux"]["kind"] == "flux" and pipelines["sd3"]["params"] > 0
 

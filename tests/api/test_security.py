@@ -13,7 +13,7 @@ from service import queue
 from service.api.auth import check_exposure, hash_key, load_keys
 from service.errors import ConfigError
 from service.settings import Settings
-from tests.stack import Stack, wait_for
+from tests.stack import JOB_CAP_S, Stack, wait_for
 
 ALICE, BOB = "t2i_alice_secret_key_0123456789", "t2i_bob_secret_key_9876543210"
 KEYS = f"alice:{hash_key(ALICE)},bob:{hash_key(BOB)}"
@@ -138,7 +138,7 @@ def test_concurrency_limit_and_daily_quota(limited):
         long = client.post("/v1/generate", json={"prompt": "c", "steps": 12}).json()
         refused = client.post("/v1/generate", json={"prompt": "c", "steps": 1})
         assert refused.status_code == 429 and "T2I_MAX_CONCURRENT_JOBS=1" in refused.json()["error"]
-        wait_for(lambda: client.get(f"/v1/jobs/{long['id']}").json()["status"] == "succeeded", 60, "the long job")
+        wait_for(lambda: client.get(f"/v1/jobs/{long['id']}").json()["status"] == "succeeded", JOB_CAP_S, "the long job")
         ok = client.post("/v1/generate?wait=true", json={"prompt": "c", "steps": 12})
         assert ok.status_code == 200  # the first ended: room again (12 + 12 of 30 steps used)
         over = client.post("/v1/generate", json={"prompt": "c", "steps": 12})

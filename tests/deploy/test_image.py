@@ -29,14 +29,15 @@ from PIL import Image
 from service import queue
 from service.redis_server import EmbeddedRedis, free_port
 from tests.deploy.engine import ROOT, Engine, EngineUnavailable, base_image, link_into_context, start_engine, wheelhouse
-from tests.stack import FAST_WORKER_ENV, wait_for
+from tests.stack import FAST_WORKER_ENV, JOB_CAP_S, START_CAP_S, wait_for
 
 pytestmark = pytest.mark.docker
 
 IMAGE = "t2i-slim:cpu-test"
 USER = 10001
-HEALTHY_WITHIN_S = 120  # the Dockerfile's HEALTHCHECK start period: healthy within it, or the test fails
-READY_WITHIN_S = 300  # cold start to ready, bounded generously for a busy machine (the figure is reported)
+# Start-up is waited for while the container runs, up to START_CAP_S (only a hang cap: a loaded machine can take many
+# times the usual cold start, which is reported, not bounded). Health is the engine's own verdict from the
+# Dockerfile's HEALTHCHECK: the test fails if the engine calls the container unhealthy.
 ARTIFACTS = Path(os.environ.get("T2I_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 LOOPBACK = {"T2I_HOST": "127.0.0.1", "T2I_WORKER_METRICS_HOST": "127.0.0.1"}
 
@@ -106,6 +107,15 @@ class Container:
 
     def health(self) -> str:
         return self.inspect("{{.State.Health.Status}}")
+
+    def healthy(self) -> bool:
+        """True once the engine's HEALTHCHECK says healthy; an error once it says unhealthy."""
+        self.running()
+        status = self.health()
+        if status == "unhealthy":
+            log = self.inspect("{{json .State.Health.Log}}")
+            raise RuntimeError(f"the engine reports the container unhealthy: {log[-2000:]}")
+        return status == "healthy"
 
     def audit(self) -> list[dict]:
         return json.loads(self.engine.run("exec", self.id, "python3", "-c", AUDIT).stdout)
@@ -224,19 +234,18 @@ def test_the_image_serves_the_miniature_kit_as_non_root_and_stops_cleanly(engine
     api_port = free_port()
     box = Container(engine, {**LOOPBACK, "T2I_PORT": api_port, "T2I_WORKER_METRICS_PORT": free_port()})
     try:
-        # 1. The default command (`t2i serve`): ready, then healthy by the HEALTHCHECK within its start period.
+        # 1. The default command (`t2i serve`): ready, then healthy by the HEALTHCHECK, never unhealthy.
         url = f"http://127.0.0.1:{api_port}"
-        wait_for(ready(url, box), READY_WITHIN_S, "the container to be ready", interval_s=0.2)
+        wait_for(ready(url, box), START_CAP_S, "the container to be ready", interval_s=0.2)
         figures["cold_start_to_ready_s"] = round(time.monotonic() - box.started, 1)
-        wait_for(lambda: box.health() == "healthy", HEALTHY_WITHIN_S - (time.monotonic() - box.started),
-                 f"the HEALTHCHECK to report healthy within {HEALTHY_WITHIN_S} s", interval_s=0.5)
+        wait_for(box.healthy, START_CAP_S, "the HEALTHCHECK to report healthy", interval_s=0.5)
         figures["cold_start_to_healthy_s"] = round(time.monotonic() - box.started, 1)
 
         # 2. No models file: the miniature kit shipped in the package serves, and a job succeeds.
         api = httpx.Client(base_url=url, timeout=30)
         sources = {e["name"]: e["source"] for e in api.get("/v1/encoders").json() if e["kind"] != "route"}
         assert sources and all("/site-packages/service/models/miniature/" in s for s in sources.values()), sources
-        job = finished(api, [submit(api, encoder="t5-base", steps=2, width=96, height=64, seed=1)], 120)[0]
+        job = finished(api, [submit(api, encoder="t5-base", steps=2, width=96, height=64, seed=1)], JOB_CAP_S)[0]
         assert first_image(api, job).size == (96, 64)
 
         # 3. Every process (supervisor, Redis, API, worker) runs as the image's user and binds loopback only.
@@ -246,7 +255,7 @@ def test_the_image_serves_the_miniature_kit_as_non_root_and_stops_cleanly(engine
         #    then the container exits with 0.
         redis_url = re.search(r"redis: (redis://\S+)", box.logs()).group(1)
         job_id = submit(api, encoder="t5-base", steps=30, width=128, height=128, seed=2)
-        wait_for(lambda: api.get(f"/v1/jobs/{job_id}").json()["status"] == "running", 120, "the job to run")
+        wait_for(lambda: api.get(f"/v1/jobs/{job_id}").json()["status"] == "running", JOB_CAP_S, "the job to run")
         ended: dict = {}
 
         def watch():
@@ -282,7 +291,7 @@ def test_scaled_out_containers_survive_a_killed_worker(engine, image, tmp_path):
                              hostname=f"t2i-worker-{n}") for n in (1, 2)]
         boxes += workers
         url = f"http://127.0.0.1:{api_port}"
-        wait_for(ready(url, api_box, workers=2), READY_WITHIN_S, "the API to see two workers", interval_s=0.3)
+        wait_for(ready(url, api_box, workers=2), START_CAP_S, "the API to see two workers", interval_s=0.3)
         for box in workers:
             box.running()
         ids = {w.decode() for w in redis.Redis.from_url(redis_server.url).zrange(queue.WORKERS, 0, -1)}
@@ -298,20 +307,20 @@ def test_scaled_out_containers_survive_a_killed_worker(engine, image, tmp_path):
             return any(j["status"] == "running" and j["worker"] == victim and time.time() - j["started_at"] < 1.0
                        for j in jobs)
 
-        wait_for(victim_just_started, 240, "worker 1 to start a job", interval_s=0.05)
+        wait_for(victim_just_started, START_CAP_S, "worker 1 to start a job", interval_s=0.05)
         engine.run("kill", workers[0].id)
         in_flight = [j["id"] for j in (api.get(f"/v1/jobs/{i}").json() for i in job_ids)
                      if j["status"] == "running" and j["worker"] == victim]
         assert in_flight, "worker 1 had no job in flight when it was killed"
 
         # 3. Every job succeeds; those worker 1 held were delivered again and finished by worker 2.
-        jobs = {j["id"]: j for j in finished(api, job_ids, 300)}
+        jobs = {j["id"]: j for j in finished(api, job_ids, START_CAP_S)}
         assert all(j["status"] == "succeeded" for j in jobs.values()), [j.get("error") for j in jobs.values()]
         for job_id in in_flight:
             assert jobs[job_id]["worker"] == survivor and jobs[job_id]["attempts"] >= 2, jobs[job_id]
         assert workers[0].inspect("{{.State.ExitCode}}") == "137"  # killed, not stopped
         for box in (api_box, workers[1]):
-            wait_for(lambda: box.health() == "healthy", HEALTHY_WITHIN_S, "the HEALTHCHECK of the API and worker 2")
+            wait_for(box.healthy, START_CAP_S, "the HEALTHCHECK of the API and worker 2", interval_s=0.5)
             assert_non_root_and_loopback(box, at_least=1)
     finally:
         for box in boxes:
@@ -325,13 +334,13 @@ def test_a_models_directory_mounted_read_only_serves_sd3(engine, image, demo_dir
                              "T2I_MODELS_FILE": "/models/models.yaml"}, volumes=[f"{demo_dir}:/models:ro"])
     try:
         url = f"http://127.0.0.1:{api_port}"
-        wait_for(ready(url, box), READY_WITHIN_S, "the container to be ready", interval_s=0.2)
+        wait_for(ready(url, box), START_CAP_S, "the container to be ready", interval_s=0.2)
         figures["cold_start_to_ready_demo_kit_s"] = round(time.monotonic() - box.started, 1)
         assert box.inspect("{{range .Mounts}}{{.Destination}} {{.RW}}{{end}}") == "/models false"
         api = httpx.Client(base_url=url, timeout=30)
         sources = [e["source"] for e in api.get("/v1/encoders").json() if e["kind"] != "route"]
         assert sources and all(s.startswith("local /models/") for s in sources), sources
-        job = finished(api, [submit(api, pipeline="sd3", encoder="t5-base", steps=2, seed=3)], 180)[0]
+        job = finished(api, [submit(api, pipeline="sd3", encoder="t5-base", steps=2, seed=3)], JOB_CAP_S)[0]
         assert job["pipeline"] == "sd3" and first_image(api, job).size == (64, 64)
     finally:
         box.remove()

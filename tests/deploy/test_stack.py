@@ -15,7 +15,7 @@ import yaml
 
 from service import queue
 from service.redis_server import EmbeddedRedis, free_port
-from tests.stack import Stack, wait_for
+from tests.stack import START_CAP_S, Stack, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 ENCODERS = ("t5-base", "t5-small")
@@ -52,7 +52,7 @@ class Prometheus:
             [binary, f"--config.file={path}", f"--storage.tsdb.path={workdir / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
             stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(self._ready, 60, "Prometheus to be ready", interval_s=0.2)
+        wait_for(self._ready, START_CAP_S, "Prometheus to be ready", interval_s=0.2)
 
     def _ready(self) -> bool:
         if self.process.poll() is not None:

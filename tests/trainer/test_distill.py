@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from transformers import T5EncoderModel
 from service.errors import ConfigError, ModelLoadError
 from service.models.demo import T5Size, build_t5_tokenizer
 from service.redis_server import free_port
+from tests.stack import START_CAP_S
 from trainer.components import Components
 from trainer.distill import train
 
@@ -95,9 +95,7 @@ def test_resume_continues_exactly(tiny, tmp_path):
 def test_two_ddp_processes_match_one_with_the_same_global_batch(tiny, tmp_path):
     common = dict(max_steps=8, eval_every=8, checkpoint_every=8)
     one = tiny(output_dir=tmp_path / "one", micro_batch_size=4, **common)
-    started = time.monotonic()
     train(one, show_progress=False)
-    one_s = time.monotonic() - started  # the bound for the two processes is derived from this, on this machine now
     two = tiny(output_dir=tmp_path / "two", micro_batch_size=2, **common)
     overrides = [f"--{k}={getattr(two, k)}" for k in ("models_file", "data", "output_dir", "micro_batch_size",
                                                        "max_steps", "eval_every", "checkpoint_every",
@@ -105,7 +103,9 @@ def test_two_ddp_processes_match_one_with_the_same_global_batch(tiny, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
          f"--master_port={free_port()}", "-m", "service.cli", "distill", "train", "tiny-cpu", *overrides],
-        capture_output=True, text=True, timeout=120 + 30 * one_s, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # Two torch processes start, rendezvous and train: on a loaded 2-core machine start-up alone can take minutes,
+        # so this is only a hang cap, not a bound on speed (the test checks equality, not time).
+        capture_output=True, text=True, timeout=START_CAP_S, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
