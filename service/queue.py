@@ -130,7 +130,7 @@ def worker_key(worker_id: str) -> str:
 # KEYS: queued, seq, job, stream, idem ('' for none)
 # ARGV: job id, max queue, idempotency ttl, now, request JSON, group, result ttl of this job ('' = the workers'),
 #       keep the prompt embedding ('1' | '0'), owner (the API key's owner id)
-# -> {'ok', id} | {'dup', existing id} | {'full', depth}
+# -> {'ok', id, position (the jobs queued ahead of it)} | {'dup', existing id} | {'full', depth}
 ENQUEUE = """
 if KEYS[5] ~= '' then
   local existing = redis.call('GET', KEYS[5])
@@ -146,7 +146,7 @@ redis.call('ZADD', KEYS[1], seq, ARGV[1])
 pcall(redis.call, 'XGROUP', 'CREATE', KEYS[4], ARGV[6], '0', 'MKSTREAM')
 redis.call('XADD', KEYS[4], '*', 'job', ARGV[1])
 if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[3]) end
-return {'ok', ARGV[1]}
+return {'ok', ARGV[1], depth}
 """
 
 # KEYS: job, queued ; ARGV: job id, worker id, now, ttl (a job's own 'ttl' field wins, here and below), events

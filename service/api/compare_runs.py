@@ -72,8 +72,8 @@ class CompareRuns:
                         job = {**request, "prompt": prompt, "encoder": encoder, "seed": seed}
                         if encoder in routed:
                             job.update(encoder=routed[encoder][i]["encoder"], routing=routed[encoder][i])
-                        job_id, _ = await self.queue.enqueue(job, result_ttl_s=self.ttl_s, keep_embedding=True,
-                                                             owner=self.owner)
+                        job_id = (await self.queue.enqueue(job, result_ttl_s=self.ttl_s, keep_embedding=True,
+                                                           owner=self.owner)).id
                         if encoder in routed:
                             decision = routed[encoder][i]
                             metrics.ROUTE_DECISIONS.labels(decision["route"], decision["encoder"],

@@ -9,6 +9,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
@@ -17,6 +18,17 @@ from service.errors import ConflictError, NotFoundError, OverloadedError
 from service.jobs import JobStatus, decode_hash, event
 
 ANONYMOUS = "anonymous"  # the owner of everything when no API keys are configured (service.api.auth)
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """What `QueueClient.enqueue` did: the job's id; `created` is False when the Idempotency-Key named an existing
+    job. A new job comes with the fields just stored and its queue position, so a 202 needs no read of its own."""
+
+    id: str
+    created: bool
+    fields: dict[str, str] | None = None
+    position: int | None = None
 
 
 class QueueClient:
@@ -31,21 +43,26 @@ class QueueClient:
         self._cancel = client.register_script(queue.CANCEL)
 
     async def enqueue(self, request: dict, idempotency_key: str | None = None, *, result_ttl_s: int | None = None,
-                      keep_embedding: bool = False, owner: str = ANONYMOUS) -> tuple[str, bool]:
-        """Returns (job id, created); created is False when the Idempotency-Key named an existing job.
-        `result_ttl_s` keeps this job's result longer than the default; `keep_embedding` stores its prompt's T5
-        embedding with it (compare runs use both)."""
+                      keep_embedding: bool = False, owner: str = ANONYMOUS) -> Enqueued:
+        """Queue a job in one round trip. `result_ttl_s` keeps this job's result longer than the default;
+        `keep_embedding` stores its prompt's T5 embedding with it (compare runs use both)."""
         job_id = secrets.token_urlsafe(16)  # unguessable
-        kind, value = await self._enqueue(
+        now, body = time.time(), json.dumps(request)
+        kind, value, *position = await self._enqueue(
             keys=[queue.QUEUED, queue.SEQ, queue.job_key(job_id), queue.stream_key(request["pipeline"],
                   request["encoder"]), queue.idem_key(f"{owner}:{idempotency_key}") if idempotency_key else ""],
-            args=[job_id, self.max_queue, self.result_ttl_s, time.time(), json.dumps(request), queue.GROUP,
-                  result_ttl_s or "", "1" if keep_embedding else "0", owner],
+            args=[job_id, self.max_queue, self.result_ttl_s, now, body, queue.GROUP, result_ttl_s or "",
+                  "1" if keep_embedding else "0", owner],
         )
         kind, value = _s(kind), _s(value)
         if kind == "full":
             raise OverloadedError(f"queue is full: {value} jobs queued, T2I_MAX_QUEUE={self.max_queue}", retry_after=2)
-        return value, kind == "ok"
+        if kind == "dup":
+            return Enqueued(value, created=False)
+        # the fields the script stored that a view reads (the rest are the workers')
+        fields = {"id": job_id, "status": "queued", "request": body, "created_at": repr(now), "attempts": "0",
+                  "owner": owner}
+        return Enqueued(job_id, created=True, fields=fields, position=int(position[0]))
 
     async def fields(self, job_id: str, owner: str | None = None) -> dict[str, str]:
         """The job's stored fields; 404 when it is unknown, expired, or (with `owner`) another key's."""

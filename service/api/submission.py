@@ -10,7 +10,7 @@ import binascii
 
 from service import metrics
 from service.api.auth import Caller, admit, track
-from service.api.queue_client import ANONYMOUS, QueueClient
+from service.api.queue_client import ANONYMOUS, Enqueued, QueueClient
 from service.errors import UnavailableError, ValidationError
 from service.jobs import ControlRef, GenerateParams
 from service.models.control import decode_image
@@ -20,18 +20,17 @@ from service.settings import Settings
 
 
 async def submit(params: GenerateParams, *, registry: Registry, queue: QueueClient, settings: Settings,
-                 idempotency_key: str | None, caller: Caller) -> tuple[str, bool]:
-    """Validate against the registry and the live workers, admit against the caller's limits, then enqueue.
-    Returns (job id, created)."""
+                 idempotency_key: str | None, caller: Caller) -> Enqueued:
+    """Validate against the registry and the live workers, admit against the caller's limits, then enqueue."""
     request = await prepare(params, registry=registry, queue=queue, settings=settings, owner=caller.owner)
     await admit(queue, settings, caller, jobs=1, pixel_steps=pixel_steps(params, registry))
-    job_id, created = await queue.enqueue(request, idempotency_key, owner=caller.owner)
-    if created:
-        await track(queue, settings, caller, [job_id])
+    queued = await queue.enqueue(request, idempotency_key, owner=caller.owner)
+    if queued.created:
+        await track(queue, settings, caller, [queued.id])
         if "routing" in request:
             decision = request["routing"]
             metrics.ROUTE_DECISIONS.labels(decision["route"], decision["encoder"], decision["reason"]).inc()
-    return job_id, created
+    return queued
 
 
 def pixel_steps(params: GenerateParams, registry: Registry) -> int:

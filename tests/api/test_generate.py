@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import time
 
 import httpx
 import pytest
@@ -75,6 +76,45 @@ def test_unseeded_jobs_report_their_seed_and_reproduce(api):
     first = run(api, {"prompt": "a blue house"})
     again = run(api, {"prompt": "a blue house", "seed": first["seed"]})
     assert pixel_diff(image_of(api, first), image_of(api, again))[1] == 0.0
+
+
+def test_a_new_job_is_answered_from_what_was_stored_without_reading_it_back(api, stack):
+    """A 202 for a new job is built from the fields the enqueue script stored and the position it answered: the
+    API sends no HGETALL or ZRANK for it (Redis's MONITOR sees every command, a script's as `lua`), and the view is
+    the one a later GET shows, but for what the worker has done since."""
+    import threading
+
+    seen: list[str] = []
+    watching, stop = threading.Event(), threading.Event()
+
+    def monitor():
+        with stack.redis.monitor() as m:
+            watching.set()
+            for command in m.listen():
+                if command.get("client_type") != "lua":  # a script's own commands are not round trips
+                    seen.append(command["command"])
+                if stop.is_set() and "t2i-test-monitor-end" in command["command"]:
+                    return
+
+    thread = threading.Thread(target=monitor, daemon=True)
+    thread.start()
+    assert watching.wait(30)
+    stack.redis.ping()  # the monitor is attached before the request
+    time.sleep(0.2)
+    fresh = api.post("/v1/generate?encoder=t5-base", json={"prompt": "a boat at dawn", "seed": 5})
+    stop.set()
+    stack.redis.echo("t2i-test-monitor-end")
+    thread.join(30)
+    assert fresh.status_code == 202 and not thread.is_alive()
+    job = fresh.json()
+    reads = [c for c in seen if job["id"] in c and c.split()[0].upper() in ("HGETALL", "ZRANK", "HGET")]
+    assert not reads, reads
+    assert any(c.split()[0].upper() == "EVALSHA" and job["id"] in c for c in seen), seen  # the enqueue script
+    assert job["status"] == "queued" and job["position"] >= 0 and job["attempts"] == 0 and job["images"] == []
+    later = wait_for(lambda: (j := api.get(f"/v1/jobs/{job['id']}").json())["status"] == "succeeded" and j, JOB_CAP_S,
+                     "the job")
+    for key in ("id", "pipeline", "encoder", "seed", "created_at", "routing"):
+        assert job[key] == later[key], key
 
 
 def test_idempotency_key_returns_the_same_job(api):

@@ -43,17 +43,21 @@ async def generate(
             )
         params = params.model_copy(update={"encoder": encoder})
     try:
-        job_id, created = await submit(params, registry=registry, queue=queue, settings=settings,
-                                        idempotency_key=idempotency_key, caller=caller)
+        queued = await submit(params, registry=registry, queue=queue, settings=settings,
+                              idempotency_key=idempotency_key, caller=caller)
     except Exception as exc:
         metrics.REQUESTS.labels("generate", getattr(exc, "error_type", "internal")).inc()
         raise
     metrics.REQUESTS.labels("generate", "accepted").inc()
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
-    fields = None  # read with the wait, in its round trip
+    response.headers["Location"] = f"/v1/jobs/{queued.id}"
+    # The view needs no read of its own: a wait reads the job in its round trip, and a new job is what was just
+    # stored (an Idempotency-Key that names an existing job reads that job).
+    fields, position = queued.fields, queued.position
     if wait:
-        fields = await queue.wait(job_id, settings.wait_timeout_s, just_queued=created, owner=caller.owner)
-    job = await view(queue, job_id, request, caller.owner, fields)
+        fields = await queue.wait(queued.id, settings.wait_timeout_s, just_queued=queued.created,
+                                  owner=caller.owner)
+        position = None
+    job = await view(queue, queued.id, request, caller.owner, fields, position)
     if job.status.terminal:
         response.status_code = 200
     return job

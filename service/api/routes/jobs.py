@@ -19,10 +19,11 @@ JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-
 
 
 async def view(queue: QueueClient, job_id: str, request: Request, owner: str,
-               fields: dict[str, str] | None = None) -> JobView:
-    """The job as the API shows it, from `fields` when the caller has just read them."""
+               fields: dict[str, str] | None = None, position: int | None = None) -> JobView:
+    """The job as the API shows it, from `fields` (and a queued job's `position`) when the caller has them."""
     fields = fields if fields is not None else await queue.fields(job_id, owner)
-    position = await queue.position(job_id) if fields["status"] == "queued" else None
+    if fields["status"] == "queued" and position is None:
+        position = await queue.position(job_id)
     return job_view(fields, position=position, base_url=str(request.base_url).rstrip("/"))
 
 

@@ -83,13 +83,14 @@ async def images_generations(body: ImagesRequest, request: Request, settings: Se
     except Exception as exc:  # pydantic bounds on width/height from `size`
         raise ValidationError(f"`size`={body.size!r} is out of range [16, 2048] per side", field="size") from exc
     try:
-        job_id, created = await submit(params, registry=registry, queue=queue, settings=settings,
-                                       idempotency_key=None, caller=caller)
+        queued = await submit(params, registry=registry, queue=queue, settings=settings, idempotency_key=None,
+                              caller=caller)
     except T2IError as exc:
         metrics.REQUESTS.labels("images_generations", exc.error_type).inc()
         raise
     metrics.REQUESTS.labels("images_generations", "accepted").inc()
-    fields = await queue.wait(job_id, settings.wait_timeout_s, just_queued=created)
+    job_id = queued.id
+    fields = await queue.wait(job_id, settings.wait_timeout_s, just_queued=queued.created)
     status = JobStatus(fields["status"])
     if status != JobStatus.succeeded:
         if not status.terminal:
