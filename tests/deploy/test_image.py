@@ -11,6 +11,7 @@ size, cold start) are printed with `-s` and written to test-artifacts/image.json
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -28,7 +29,8 @@ from PIL import Image
 
 from service import queue
 from service.redis_server import EmbeddedRedis, free_port
-from tests.deploy.engine import ROOT, Engine, EngineUnavailable, base_image, link_into_context, start_engine, wheelhouse
+from tests.deploy.engine import (CACHE, ROOT, Engine, EngineUnavailable, base_image, link_into_context, start_engine,
+                                 wheelhouse)
 from tests.stack import FAST_WORKER_ENV, JOB_CAP_S, START_CAP_S, wait_for
 
 pytestmark = pytest.mark.docker
@@ -191,12 +193,18 @@ def figures():
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    try:
-        engine = start_engine(tmp_path_factory.mktemp("dockerd"))
-    except EngineUnavailable as exc:
-        pytest.skip(f"no Docker engine can run here: {exc}")
-    yield engine
-    engine.stop()
+    """The engine, held by one test run of this machine at a time: two runs at once would share the engine that one
+    of them started (and stops), the image tag and the wheelhouse. A second run waits on a file lock, which the OS
+    releases if the first dies."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "image-test.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            engine = start_engine(tmp_path_factory.mktemp("dockerd"))
+        except EngineUnavailable as exc:
+            pytest.skip(f"no Docker engine can run here: {exc}")
+        yield engine
+        engine.stop()
 
 
 @pytest.fixture(scope="module")
