@@ -50,8 +50,9 @@ NOTES = {
         "target is checked on the other four stages' sum, which never credits a model call that ran faster. The "
         "profile is py-spy sampling the running API and "
         "worker during the served jobs (`BENCH_PROFILE=DIR`; no code change), idle samples left out. The PNG "
-        "table encodes one 1024x1024 result at zlib level 1 (the service's `T2I_PNG_COMPRESS_LEVEL` default) and "
-        "6 (PIL's default), the fastest of five each."),
+        "table encodes one 1024x1024 result at zlib levels 1 (the service's `T2I_PNG_COMPRESS_LEVEL` default) "
+        "and 6 by the service's encoder (libpng through OpenCV, zlib's run-length strategy) and by PIL's (the "
+        "service's before), the fastest of five each."),
     "throughput": (
         "Sixteen clients submit jobs and wait for each; one worker (one thread) serves them. With batching on, the "
         "worker takes the jobs already queued behind the one it claims (up to `T2I_MAX_BATCH`, same pipeline, "
