@@ -410,6 +410,31 @@ def cmd_world_eval(args: argparse.Namespace) -> None:
                       {n for n, r in report.items() if r["quantization"]}, args.chart)
 
 
+def cmd_world_diagnose(args: argparse.Namespace) -> None:
+    torch_setup(args)
+    from trainer.world.diagnose import diagnose
+
+    for key in ("scenes", "probe_steps"):
+        if getattr(args, key) < 1:
+            raise ValidationError(f"`--{key.replace('_', '-')}`={getattr(args, key)} must be at least 1", field=key)
+    kit = Path(args.kit)
+    for part in ("pipelines/flux/vae", "encoders/t5-xxl"):
+        if not (kit / part).is_dir():
+            raise ValidationError(f"`--kit` {kit}: no {part} (a kit from `t2i world train` has one)", field="kit")
+    report = diagnose(kit, scenes=args.scenes, probe_steps=args.probe_steps)
+    vae, probe = report["vae_roundtrip"], report["text_probe"]
+    print("VAE round trip, every attribute right per kind: "
+          + ", ".join(f"{k} {v:.0%}" for k, v in vae["decoded"]["every_attribute"].items())
+          + f" (the evaluator on the renders themselves, lowest kind: "
+            f"{min(vae['rendered']['every_attribute'].values()):.0%})")
+    for name in ("encoder_output", "input_embeddings"):
+        rates = probe[name]
+        print(f"text probe on the teacher's {name.replace('_', ' ')}: every attribute {rates['every_attribute']:.0%} ("
+              + ", ".join(f"{k} {v:.0%}" for k, v in rates["attributes"].items()) + ")")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
 def cmd_world_controlnet(args: argparse.Namespace) -> None:
     torch_setup(args)
     from trainer.world.control import train_controlnet
@@ -596,6 +621,13 @@ def build_parser() -> argparse.ArgumentParser:
     we.add_argument("--out", help="also write the JSON report here")
     we.add_argument("--chart", help="also draw accuracy against encoder bytes (PNG) here")
     we.set_defaults(func=cmd_world_eval)
+    wd = world.add_parser("diagnose", parents=[common],
+                          help="bound the teacher from outside: the VAE's round trip and a probe of the text encoder")
+    wd.add_argument("--kit", required=True, help="a kit from `t2i world train`")
+    wd.add_argument("--scenes", type=int, default=400, help="held-out scenes for the VAE round trip (default 400)")
+    wd.add_argument("--probe-steps", type=int, default=1500, help="training steps of the text probe (default 1500)")
+    wd.add_argument("--out", help="also write the JSON report here")
+    wd.set_defaults(func=cmd_world_diagnose)
     wpp = world.add_parser("paper", parents=[common], help="distil students at 1/4, 1/16, 1/64 and read their images")
     wpp.add_argument("--kit", required=True, help="a kit from `t2i world train`")
     wpp.add_argument("-o", "--output", required=True)

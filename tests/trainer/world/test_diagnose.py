@@ -1,0 +1,33 @@
+"""`t2i world diagnose` on the shipped kit, at a small size: the evaluator reads the renders exactly, and the probe
+finds the prompt's word order in the teacher's output, which the context-free input embeddings do not hold."""
+
+import json
+import os
+import subprocess
+import sys
+
+from trainer.world.diagnose import diagnose
+
+KIT = "service/models/miniature"
+
+
+def test_the_checks_bound_the_teacher_from_outside():
+    report = diagnose(KIT, scenes=24, probe_steps=300, probe_train=2000, probe_test=400)
+    vae = report["vae_roundtrip"]
+    assert set(vae["rendered"]["every_attribute"]) == {"single", "count", "relation", "text"}
+    assert all(rate == 1.0 for rate in vae["rendered"]["every_attribute"].values())
+    assert all(0.0 <= rate <= 1.0 for rate in vae["decoded"]["attributes"].values())
+    output, words = report["text_probe"]["encoder_output"], report["text_probe"]["input_embeddings"]
+    # which colour comes first is in the word order: about chance (1/2 of the two named) without it
+    assert words["attributes"]["color"] < 0.65 < output["attributes"]["color"]
+    assert output["every_attribute"] > words["every_attribute"] + 0.1
+
+
+def test_the_command_names_a_missing_part_of_the_kit(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "service.cli", "world", "diagnose", "--kit", str(tmp_path)],
+                         capture_output=True, text=True, env={**os.environ, "T2I_THREADS": "1"})
+    assert run.returncode != 0 and "pipelines/flux/vae" in run.stderr and "--kit" in run.stderr
+    bad = subprocess.run([sys.executable, "-m", "service.cli", "world", "diagnose", "--kit", KIT, "--scenes", "0"],
+                         capture_output=True, text=True, env={**os.environ, "T2I_THREADS": "1"})
+    assert bad.returncode != 0 and "--scenes" in bad.stderr and "at least 1" in bad.stderr
+    assert not json.dumps(bad.stderr).count("Traceback")
