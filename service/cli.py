@@ -359,6 +359,11 @@ def cmd_world_train(args: argparse.Namespace) -> None:
     for key, value in given.items():
         if value < 1:
             raise ValidationError(f"`--{key.replace('_', '-')}`={value} must be at least 1", field=key)
+    if args.timestep_mean is not None:
+        if not -3.0 <= args.timestep_mean <= 3.0:
+            raise ValidationError(f"`--timestep-mean`={args.timestep_mean} must be within [-3, 3]",
+                                  field="timestep_mean")
+        given["timestep_mean"] = args.timestep_mean
     config = WorldConfig(**given)
     out = train_world(args.output, config, seed=args.seed)
     print(f"wrote the miniature world's model kit to {out}; use it with T2I_MODELS_FILE={out / 'models.yaml'}")
@@ -597,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--heads", type=int, help="denoiser attention heads of 32 dims each: its width (default 4)")
     wt.add_argument("--layers", type=int, help="denoiser double-stream blocks (default 2)")
     wt.add_argument("--single-layers", type=int, help="denoiser single-stream blocks (default 4)")
+    wt.add_argument("--timestep-mean", type=float,
+                    help="location of the logit-normal training timesteps (default 0; above 0 trains more at high "
+                         "noise, where layout and counts are decided)")
     wt.add_argument("--seed", type=int, default=0)
     wt.set_defaults(func=cmd_world_train)
     wp = world.add_parser("prompts", help="write the world's prompt set in the trainer's dataset format")

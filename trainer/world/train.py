@@ -70,6 +70,9 @@ class WorldConfig:
     warmup: int = 200
     ema: float = 0.999
     checkpoint_every: int = 250
+    # Location of the logit-normal training timesteps (0: centred on sigma 0.5, as FLUX and SD3 train). Above 0 trains
+    # more at high noise, where an image's layout (how many objects, which where) is decided.
+    timestep_mean: float = 0.0
 
     @property
     def latent_size(self) -> int:
@@ -80,6 +83,12 @@ class WorldConfig:
         """What a checkpoint's weights depend on: a run resumes only with the same."""
         return {"vae_channels": list(self.vae_channels), "latent_channels": self.latent_channels,
                 "layers": self.layers, "single_layers": self.single_layers, "heads": self.heads}
+
+    @property
+    def recipe(self) -> dict:
+        """What a resumed run must keep besides the architecture for its steps to follow the same objective (the
+        step budget may grow: its schedule is cosine over the new budget)."""
+        return {"timestep_mean": self.timestep_mean}
 
 
 def batch(rng: random.Random, n: int) -> tuple[torch.Tensor, list[str]]:
@@ -157,8 +166,11 @@ def train_denoiser(transformer: FluxTransformer2DModel, vae: AutoencoderKL, teac
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=config.lr, weight_decay=0.0)
     ckpt, first = work / "denoiser", 1
     if (ckpt / "state.json").is_file():
-        saved = json.loads((ckpt / "state.json").read_text()).get("architecture", config.architecture)
-        changed = {k: (v, config.architecture[k]) for k, v in saved.items() if config.architecture.get(k) != v}
+        state = json.loads((ckpt / "state.json").read_text())
+        # a checkpoint from before the recipe was recorded was trained with today's defaults
+        saved = {**state.get("architecture", config.architecture), **state.get("recipe", WorldConfig().recipe)}
+        current = {**config.architecture, **config.recipe}
+        changed = {k: (v, current[k]) for k, v in saved.items() if current.get(k) != v}
         if changed:
             name, (was, now) = next(iter(changed.items()))
             raise ConfigError(f"the checkpoint in {ckpt} was trained with {name}={was}, and this run asks for "
@@ -191,7 +203,7 @@ def train_denoiser(transformer: FluxTransformer2DModel, vae: AutoencoderKL, teac
             ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                             return_tensors="pt").input_ids
             text = teacher(ids)[0]
-        sigma = torch.sigmoid(torch.randn(n, generator=gen)).view(-1, 1, 1)
+        sigma = torch.sigmoid(torch.randn(n, generator=gen) + config.timestep_mean).view(-1, 1, 1)
         noise = torch.randn(x0.shape, generator=gen)
         x_t = (1 - sigma) * x0 + sigma * noise
         pred = transformer(hidden_states=x_t, timestep=sigma.view(-1), encoder_hidden_states=text,
@@ -215,7 +227,8 @@ def train_denoiser(transformer: FluxTransformer2DModel, vae: AutoencoderKL, teac
             save_file(transformer.state_dict(), tmp / "transformer.safetensors")
             save_file(ema.state_dict(), tmp / "ema.safetensors")
             save_optimizer(tmp, optimizer)
-            (tmp / "state.json").write_text(json.dumps({"step": step, "architecture": config.architecture}))
+            (tmp / "state.json").write_text(json.dumps({"step": step, "architecture": config.architecture,
+                                                        "recipe": config.recipe}))
             shutil.rmtree(ckpt, ignore_errors=True)
             tmp.rename(ckpt)
     return ema.eval()

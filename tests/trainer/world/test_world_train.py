@@ -83,3 +83,16 @@ def test_the_denoiser_width_is_a_flag_and_a_resume_with_another_is_refused(tmp_p
     assert wider.returncode == 2 and "heads=2" in wider.stderr and "heads=3" in wider.stderr, wider.stderr[-2000:]
     refused = _train(tmp_path / "other", "--heads", "0")
     assert refused.returncode == 2 and "`--heads`=0 must be at least 1" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_the_timestep_location_is_recorded_and_a_resume_with_another_is_refused(tmp_path):
+    import json
+
+    shifted = _train(tmp_path / "run", "--timestep-mean", "0.8")
+    assert shifted.returncode == 0, shifted.stderr[-2000:]
+    assert json.loads((tmp_path / "run/work/denoiser/state.json").read_text())["recipe"] == {"timestep_mean": 0.8}
+    other = _train(tmp_path / "run")  # the default, 0
+    assert other.returncode == 2 and "timestep_mean=0.8" in other.stderr and "timestep_mean=0.0" in other.stderr, \
+        other.stderr[-2000:]
+    out_of_range = _train(tmp_path / "far", "--timestep-mean", "9")
+    assert out_of_range.returncode == 2 and "within [-3, 3]" in out_of_range.stderr, out_of_range.stderr[-2000:]
