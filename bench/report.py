@@ -42,6 +42,10 @@ NOTES = {
         "Both routes run the same demo FLUX model with one thread per process, the same prompts and seeds, "
         "interleaved job by job. The stock loop is `FluxPipeline` with its T5 inside; the service encodes outside "
         "the pipeline, queues through Redis, runs in a worker process and answers over HTTP (`?wait=true`). "
+        "Each prompt is served twice, each time after a stock call, in alternating order: through the standard "
+        "library's `http.client` (the figures and the target: the thinnest Python client, so that they are the "
+        "service's) and through httpx (what figures before the fourth round used); the clients table shows what "
+        "httpx's own work adds. "
         "`HTTP + queue` is the client's latency minus the worker's own time for the job. The stage table splits "
         "each job's added latency by the wall-clock stamps the client, the API (`created_at`) and the worker "
         "(`started_at`, `finished_at`, the model stages' timings) take, so the stages sum to the added latency; "
@@ -159,6 +163,16 @@ def _overhead_details(record: dict) -> list[str]:
     if record.get("stages_p50_ms"):
         lines += ["| stage | p50 ms | what it spans |", "|---|---|---|"]
         lines += [f"| {k} | {v:.2f} | {record['stages'][k]} |" for k, v in record["stages_p50_ms"].items()] + [""]
+    if record.get("clients"):
+        stages = [k for k in record["stages"] if k != "generation_vs_stock"]
+        lines += ["The same jobs by client, side by side (p50 ms; CPU time per job of the client's request, the API "
+                  "process and the Redis server, from Linux's scheduler statistics):", "",
+                  "| client | outside the model | " + " | ".join(stages) + " | client CPU | API CPU | Redis CPU |",
+                  "|---" * (len(stages) + 5) + "|"]
+        lines += [f"| {c['client']} | {c['outside_model_p50_ms']:.2f} | "
+                  + " | ".join(f"{c['stages_p50_ms'][k]:.2f}" for k in stages)
+                  + f" | {c['client_cpu_ms_per_job']:.2f} | {c['api_cpu_ms_per_job']:.2f} | "
+                  f"{c['redis_cpu_ms_per_job']:.2f} |" for c in record["clients"]] + [""]
     if record.get("png_1024"):
         lines += _table(record["png_1024"]) + [""]
     if record.get("redis_round_trip"):
@@ -166,6 +180,12 @@ def _overhead_details(record: dict) -> list[str]:
         lines += [f"A Redis round trip (PING, p50) costs {trip['busy_us']:.0f} us from a process that was just busy "
                   f"and {trip['idle_us']:.0f} us from one that slept 5 ms first, as each process on a job's path does "
                   "between its turns.", ""]
+    if record.get("wake_penalty"):
+        wake = record["wake_penalty"]
+        lines += [f"Code that has just woken runs slower: the API's building of a job's view and its JSON takes "
+                  f"{wake['warm_us']:.0f} us back to back and {wake['woken_us']:.0f} us after a 40 ms sleep (p50, "
+                  f"{wake['woken_us'] / wake['warm_us']:.1f}x), and every process on a job's path sleeps while the "
+                  "model runs.", ""]
     for process, profile in (record.get("profile") or {}).items():
         if not profile.get("busy_samples"):
             continue

@@ -14,7 +14,7 @@ job is never half-enqueued, and a job finished twice (a redelivered duplicate) k
     t2i:job:{id}:done           a list that gets the final status when the job ends (what `?wait=true` blocks on)
     t2i:job:{id}:embedding      the prompt's T5 token embeddings, float16 (jobs of compare runs only)
     t2i:queued                  zset: queued job ids by enqueue order
-    t2i:stream:{pipeline}:{enc} stream of job ids; consumer group `workers`
+    t2i:stream:{pipeline}:{enc} stream of jobs (id, request, created_at, keep_embedding, ttl); group `workers`
     t2i:idem:{key}              Idempotency-Key -> job id
     t2i:upload:{id}             bytes of an uploaded control image; expires `upload_ttl_s` after its last use
     t2i:events:{id}             pub/sub channel of a job's progress and status events
@@ -144,7 +144,8 @@ redis.call('HSET', KEYS[3], 'id', ARGV[1], 'status', 'queued', 'request', ARGV[5
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[3], 'ttl', ARGV[7]) end
 redis.call('ZADD', KEYS[1], seq, ARGV[1])
 pcall(redis.call, 'XGROUP', 'CREATE', KEYS[4], ARGV[6], '0', 'MKSTREAM')
-redis.call('XADD', KEYS[4], '*', 'job', ARGV[1])
+redis.call('XADD', KEYS[4], '*', 'job', ARGV[1], 'request', ARGV[5], 'created_at', ARGV[4], 'keep_embedding', ARGV[8],
+           'ttl', ARGV[7])
 if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[3]) end
 return {'ok', ARGV[1], depth}
 """

@@ -2,6 +2,8 @@
 
 Synchronous redis-py: a worker does one job at a time, and its heartbeat thread shares the client's pool. A third
 thread listens on the worker's cancel channel, so that a denoising step learns of a cancel without a round trip.
+A new job's stream entry carries its request, so its start script is sent without waiting for the answer
+(`start_unanswered`): the worker runs the job meanwhile and reads the answer at the first denoising step.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -21,12 +24,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Claim:
-    """A stream entry this worker holds; `redelivered` when it was taken over from a silent worker."""
+    """A stream entry this worker holds; `redelivered` when it was taken over from a silent worker. `entry` is the
+    job as the API queued it (request, created_at, keep_embedding, ttl), None for an entry that carries the id only
+    (queued by an API from before entries carried requests)."""
 
     stream: str
     entry_id: str
     job_id: str
     redelivered: bool = False
+    entry: dict[str, str] | None = None
 
 
 class Consumer:
@@ -79,7 +85,7 @@ class Consumer:
         claims = []
         for stream, entries in reply or []:
             for entry_id, fields in entries:
-                claims.append(Claim(_s(stream), _s(entry_id), _s(fields[b"job"])))
+                claims.append(Claim(_s(stream), _s(entry_id), _s(fields[b"job"]), entry=_entry(fields)))
         return claims
 
     def claim_more(self, stream: str, count: int, wait_ms: int) -> list[Claim]:
@@ -92,7 +98,8 @@ class Consumer:
             reply = self.client.xreadgroup(queue.GROUP, self.worker_id, {stream: ">"}, count=count - len(claims),
                                            block=left_ms if left_ms > 0 else None)
             entries = [e for _, es in reply or [] for e in es]
-            claims += [Claim(stream, _s(entry_id), _s(fields[b"job"])) for entry_id, fields in entries]
+            claims += [Claim(stream, _s(entry_id), _s(fields[b"job"]), entry=_entry(fields))
+                       for entry_id, fields in entries]
             if not entries or left_ms <= 0:
                 break
         return claims
@@ -110,15 +117,46 @@ class Consumer:
         pipe.execute()
 
     # -- job state ---------------------------------------------------------------------------------------------
-    def start(self, claims: list[Claim]) -> list[tuple[str, dict[str, str]]]:
+    def start(self, claims: list[Claim], now: float | None = None) -> list[tuple[str, dict[str, str]]]:
         """Mark each job running (or learn that it was cancelled or finished meanwhile), announce it and read its
         fields: one script per job, all in one round trip. Returns (status, fields) per claim."""
-        replies = self._run(self._start, [
-            ([queue.job_key(claim.job_id), queue.QUEUED],
-             [claim.job_id, self.worker_id, time.time(), self.result_ttl_s, queue.events_channel(claim.job_id),
-              event("status", status="running", worker=self.worker_id), event("status", status="cancelled")])
-            for claim in claims])
-        return [(_s(status), decode_hash(dict(zip(flat[::2], flat[1::2])))) for status, flat in replies]
+        return [_started(reply) for reply in self._run(self._start, self._start_calls(claims, now or time.time()))]
+
+    def start_unanswered(self, claims: list[Claim], now: float) -> Callable[[], list[tuple[str, dict[str, str]]]]:
+        """Send the start scripts of these jobs (as `start`) on a connection of their own, and return at once: the
+        returned call reads the answers (status, fields per claim), and gives the connection back. The caller runs
+        the jobs from their entries meanwhile, and reads the answers before it stores anything: a job that was
+        cancelled, finished or expired meanwhile is then dropped. A connection error, or a server that has lost the
+        script, raises a redis error from either call; the answers are then unknown, and `start` is the fallback (a
+        job the first script did mark running is marked again, and counts one more attempt)."""
+        pool = self.client.connection_pool
+        connection = pool.get_connection()
+        calls = self._start_calls(claims, now)
+        try:
+            connection.send_packed_command(connection.pack_commands(
+                [("EVALSHA", self._start.sha, len(keys), *keys, *args) for keys, args in calls]))
+        except BaseException:
+            connection.disconnect()
+            pool.release(connection)
+            raise
+
+        def answers() -> list[tuple[str, dict[str, str]]]:
+            try:
+                replies = [connection.read_response() for _ in calls]
+            except BaseException:
+                connection.disconnect()  # replies may be left unread on it
+                raise
+            finally:
+                pool.release(connection)
+            return [_started(reply) for reply in replies]
+
+        return answers
+
+    def _start_calls(self, claims: list[Claim], now: float) -> list[tuple[list, list]]:
+        return [([queue.job_key(claim.job_id), queue.QUEUED],
+                 [claim.job_id, self.worker_id, now, self.result_ttl_s, queue.events_channel(claim.job_id),
+                  event("status", status="running", worker=self.worker_id), event("status", status="cancelled")])
+                for claim in claims]
 
     def step(self, job_ids: list[str], step: int, steps: int, *, report: bool) -> list[bool]:
         """Whether each job of a batch was cancelled, at a denoising step. A step that reports progress (`report`)
@@ -217,6 +255,16 @@ def _listener_failed(exc: BaseException, _pubsub, _thread) -> None:
     """The cancel listener lost Redis: say so, pause, and let its next read reconnect and resubscribe."""
     log.warning("cancel listener: %s; reconnecting", exc)
     time.sleep(1.0)
+
+
+def _started(reply: list) -> tuple[str, dict[str, str]]:
+    status, flat = reply
+    return _s(status), decode_hash(dict(zip(flat[::2], flat[1::2])))
+
+
+def _entry(fields: dict[bytes, bytes]) -> dict[str, str] | None:
+    """The job a stream entry carries (without its id), or None for an entry with the id only."""
+    return {_s(k): _s(v) for k, v in fields.items() if k != b"job"} if b"request" in fields else None
 
 
 def _s(value: bytes | str) -> str:

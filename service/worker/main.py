@@ -20,6 +20,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -73,6 +74,7 @@ class Worker:
         self.started_at = time.time()
         self.health: HealthServer | None = None
         self.encoder_facts: dict[str, dict] = {}
+        self._unanswered: tuple[list[Job], Callable, float] | None = None  # start scripts sent, answers not read
 
     # -- the main loop -----------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -145,13 +147,14 @@ class Worker:
             wait_ms = self.settings.batch_wait_ms if self.last_batch > 1 else 0
             claims += self._with_retry(lambda: self.consumer.claim_more(
                 claim.stream, self.settings.max_batch - 1, wait_ms)) or []
-        jobs = []
-        started = self._with_retry(lambda: self.consumer.start(claims))
-        for c, (status, fields) in zip(claims, started):
-            if status != "running":
-                self._with_retry(lambda c=c: self.consumer.release(c))
-                continue
-            jobs.append(Job(c, fields, json.loads(fields["request"])))
+        jobs = self._start_unanswered(claims) if all(c.entry and not c.redelivered for c in claims) else []
+        if not jobs:
+            started = self._with_retry(lambda: self.consumer.start(claims))
+            for c, (status, fields) in zip(claims, started):
+                if status != "running":
+                    self._with_retry(lambda c=c: self.consumer.release(c))
+                    continue
+                jobs.append(Job(c, fields, json.loads(fields["request"])))
         groups: dict[tuple, list[Job]] = {}
         for job in jobs:
             try:
@@ -162,6 +165,36 @@ class Worker:
             groups.setdefault(key, []).append(job)
         for key, group in groups.items():
             self.run_batch(group, error=key[2] if key[0] == "failed" else None)
+
+    def _start_unanswered(self, claims: list[Claim]) -> list["Job"]:
+        """Jobs whose entries carry their requests start without a round trip: their start scripts are sent, and the
+        answers read at the first denoising step (`_confirm`). [] when even the sending failed (then `start`)."""
+        now = time.time()
+        try:
+            answers = self.consumer.start_unanswered(claims, now)
+        except redis.RedisError as exc:
+            log.warning("start scripts not sent (%s); starting with a round trip", exc)
+            return []
+        jobs = [Job(c, {**c.entry, "started_at": repr(now)}, json.loads(c.entry["request"]), running=None)
+                for c in claims]
+        self._unanswered = (jobs, answers, now)
+        return jobs
+
+    def _confirm(self) -> None:
+        """Read the answers to start scripts sent unanswered, once: a job that is not running after all (cancelled
+        while queued, finished by another run, expired) is marked so (`running` False) and its result dropped. If the
+        answers cannot be read, the jobs are started again with a round trip."""
+        if self._unanswered is None:
+            return
+        jobs, answers, now = self._unanswered
+        self._unanswered = None
+        try:
+            started = answers()
+        except redis.RedisError as exc:
+            log.warning("start answers lost (%s); starting again with a round trip", exc)
+            started = self._with_retry(lambda: self.consumer.start([job.claim for job in jobs], now))
+        for job, (status, _fields) in zip(jobs, started):
+            job.running = status == "running"
 
     def run_batch(self, jobs: list["Job"], error: T2IError | None = None) -> None:
         """Denoise these jobs in one call and store each one's own result; a failure fails them all readably and
@@ -183,7 +216,6 @@ class Worker:
             denoiser = self.generator.denoiser(pipeline)
             device = denoiser.device
             reset_peak(device)
-            ids = [job.claim.job_id for job in jobs]
             oom_at = self.settings.fault_oom_at_job  # fault injection: a CPU cannot run out of device memory at will
             if oom_at and self.jobs_done < oom_at <= self.jobs_done + len(jobs):
                 raise torch.OutOfMemoryError(f"CUDA out of memory (simulated by T2I_FAULT_OOM_AT_JOB={oom_at})")
@@ -195,6 +227,11 @@ class Worker:
             def on_step(step: int, steps: int) -> None:
                 # progress at most every T2I_PROGRESS_INTERVAL_S, the last step's with the result (the finish
                 # script stores it); a cancel message at any step, the cancel flag with each progress report
+                self._confirm()
+                ids = [job.claim.job_id for job in jobs if job.running]
+                if not ids:  # every job of the call ended before it started here (cancelled while queued)
+                    cancelled[0] = True
+                    return
                 now = time.monotonic()
                 progress.update(step=step, steps=steps)
                 report = step < steps and now - last_report[0] >= self.settings.progress_interval_s
@@ -226,15 +263,23 @@ class Worker:
                 torch.cuda.empty_cache()
         elapsed = time.perf_counter() - start
         peak = peak_bytes(device)
-        outcomes = []
+        self._confirm()
+        for job in jobs:
+            if not job.running:
+                self._with_retry(lambda job=job: self.consumer.release(job.claim))
+        outcomes, kept = [], [job for job in jobs if job.running]
+        if not kept:
+            return
         for i, job in enumerate(jobs):
+            if not job.running:
+                continue
             job_outcome, stored, images = outcome, dict(failure or {}), []
             if outcome == JobStatus.succeeded:
                 job_outcome, stored, images = self._stored(job, results[i], device, peak, elapsed)
                 stored.update(progress)
             outcomes.append((job.claim, job_outcome, stored, images))
         stored_as = self._with_retry(lambda: self.consumer.finish(outcomes))
-        for job, (_, job_outcome, _, _), as_stored in zip(jobs, outcomes, stored_as):
+        for job, (_, job_outcome, _, _), as_stored in zip(kept, outcomes, stored_as):
             if as_stored is None:
                 log.warning("job %s was already finished by another run; this result is dropped", job.claim.job_id)
             else:
@@ -358,6 +403,7 @@ class Job:
     params: dict
     request: GenerationRequest | None = None
     queue_wait: float = 0.0
+    running: bool | None = True  # None: its start script's answer is not read yet (Worker._confirm)
 
 
 def _request(params: dict, control: ControlInput | None = None) -> GenerationRequest:

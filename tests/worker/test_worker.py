@@ -30,6 +30,11 @@ def finished(api, job_id, timeout_s=120):
                     timeout_s, f"job {job_id} to finish", interval_s=0.2)
 
 
+def behind_a_running_job(api):
+    """Queue a 20-step job on t5-base and wait until it runs: jobs queued on t5-small meanwhile wait behind it."""
+    running(api, api.post("/v1/generate?encoder=t5-base", json={**LONG_JOB, "steps": 20}).json()["id"])
+
+
 @pytest.fixture()
 def own_stack(redis_server, models_file, tmp_path):
     """A separate API + workers on their own Redis database, so killing workers does not disturb other tests."""
@@ -186,8 +191,7 @@ def test_queued_jobs_are_denoised_in_one_batch_with_their_own_images(own_stack, 
     api_url = own_stack.start_api()
     own_stack.start_worker({"T2I_MAX_BATCH": "4"})
     with httpx.Client(base_url=api_url, timeout=30) as api:
-        blocker = api.post("/v1/generate?encoder=t5-base", json={**LONG_JOB, "steps": 20}).json()["id"]
-        running(api, blocker)
+        behind_a_running_job(api)
         ids = [api.post("/v1/generate?encoder=t5-small", json={"prompt": f"a fox {k}", "seed": k}).json()["id"]
                for k in range(3)]
         jobs = [finished(api, i) for i in ids]
@@ -209,14 +213,64 @@ def test_one_job_of_a_batch_can_be_cancelled(own_stack):
     api_url = own_stack.start_api()
     own_stack.start_worker({"T2I_MAX_BATCH": "4"})
     with httpx.Client(base_url=api_url, timeout=30) as api:
-        blocker = api.post("/v1/generate?encoder=t5-base", json={**LONG_JOB, "steps": 20}).json()["id"]
-        running(api, blocker)
+        behind_a_running_job(api)
         keep, drop = (api.post("/v1/generate?encoder=t5-small", json={**LONG_JOB, "steps": 30, "seed": k}).json()["id"]
                       for k in (1, 2))
         running(api, drop)
         assert api.delete(f"/v1/jobs/{drop}").json()["status"] == "running"  # cancelling
         assert finished(api, drop)["status"] == "cancelled"
         assert finished(api, keep)["status"] == "succeeded"
+
+
+def test_a_job_cancelled_while_queued_is_dropped_from_its_batch_unrun(own_stack):
+    """The worker starts a batch from the requests its stream entries carry, before its start scripts answer; the
+    answer for a job cancelled while queued drops that job (nothing stored, never started, its entry released) and
+    its batch mate is stored as usual."""
+    api_url = own_stack.start_api()
+    own_stack.start_worker({"T2I_MAX_BATCH": "4"})
+    with httpx.Client(base_url=api_url, timeout=30) as api:
+        behind_a_running_job(api)
+        keep, drop = (api.post("/v1/generate?encoder=t5-small", json={"prompt": f"a fox {k}", "seed": k}).json()["id"]
+                      for k in (1, 2))
+        assert api.delete(f"/v1/jobs/{drop}").json()["status"] == "cancelled"
+        kept = finished(api, keep)
+        assert kept["status"] == "succeeded" and kept["batch_size"] == 2, kept  # denoised together
+        dropped = job(api, drop)
+        assert dropped["status"] == "cancelled" and dropped["started_at"] is None and dropped["attempts"] == 0
+        assert dropped["images"] == [] and api.get(f"/v1/jobs/{drop}/images/0").status_code == 404
+        stream = queue.stream_key("flux", "t5-small")
+        assert wait_for(lambda: own_stack.redis.xlen(stream) == 0, 30, "the dropped job's entry to be released")
+        assert own_stack.redis.xpending(stream, queue.GROUP)["pending"] == 0
+
+
+def test_a_stream_entry_with_the_job_id_only_still_runs(own_stack):
+    """An entry queued by an API from before entries carried requests holds the job id only: the worker starts such
+    a job with a round trip and reads its request from the job."""
+    api_url = own_stack.start_api()
+    own_stack.start_worker({"T2I_MAX_BATCH": "1"})
+    with httpx.Client(base_url=api_url, timeout=30) as api:
+        behind_a_running_job(api)
+        job_id = api.post("/v1/generate?encoder=t5-small", json={"prompt": "an old entry", "seed": 3}).json()["id"]
+        stream = queue.stream_key("flux", "t5-small")
+        [(entry_id, fields)] = own_stack.redis.xrange(stream)
+        assert fields[b"job"].decode() == job_id and b"request" in fields
+        own_stack.redis.xdel(stream, entry_id)
+        own_stack.redis.xadd(stream, {"job": job_id})
+        done = finished(api, job_id)
+        assert done["status"] == "succeeded" and done["seed"] == 3 and done["attempts"] == 1, done
+
+
+def test_a_server_that_lost_the_start_script_still_starts_the_job(own_stack):
+    """The start script is sent by its hash, without waiting for the answer; a server that has forgotten the script
+    (restarted without persistence, or flushed) answers NOSCRIPT at the first step, and the worker starts the job
+    again with a round trip that loads the script."""
+    api_url = own_stack.start_api()
+    own_stack.start_worker({"T2I_MAX_BATCH": "1"})
+    with httpx.Client(base_url=api_url, timeout=60) as api:
+        assert api.post("/v1/generate?wait=true", json={"prompt": "before", "seed": 1}).json()["status"] == "succeeded"
+        own_stack.redis.script_flush()
+        done = api.post("/v1/generate?wait=true", json={"prompt": "after the flush", "seed": 2}).json()
+        assert done["status"] == "succeeded" and done["attempts"] == 1 and done["images"], done
 
 
 def test_the_embedding_cache_is_shared_by_workers_and_gives_the_same_image(own_stack):
