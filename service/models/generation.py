@@ -237,7 +237,9 @@ class Generator:
             timings["control"] = time.perf_counter() - start
         else:
             # 6. The initial noise of each request from its own seed, by the pipeline's own `prepare_latents`
-            #    (as the pipeline would draw it for that request alone), stacked.
+            #    (as the pipeline would draw it for that request alone), stacked. Timed with denoising, as the
+            #    stock pipeline draws it inside its call.
+            noise_start = time.perf_counter()
             extra["latents"] = torch.cat([
                 initial_latents(pipe, request.num_images, height, width, cond["prompt_embeds"].dtype, denoiser.device,
                                 torch.Generator(device="cpu").manual_seed(seed))
@@ -245,7 +247,7 @@ class Generator:
 
         # 7. Denoise with the stock pipeline. The step callback reports progress, honours cancellation at the next
         #    step, and marks where denoising ends so that decoding is timed apart.
-        marks = {"start": time.perf_counter()}
+        marks = {"start": time.perf_counter() if control is not None else noise_start}
 
         def step_end(pipe, step_index, timestep, callback_kwargs):
             marks["last_step"] = time.perf_counter()

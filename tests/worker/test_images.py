@@ -1,7 +1,9 @@
 """The bytes a job stores for its images: PNG through libpng is lossless for every mode a pipeline can return, at
-every zlib level; WebP and JPEG keep their formats."""
+every zlib level, with one row filter; WebP and JPEG keep their formats."""
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -40,3 +42,23 @@ def test_higher_png_levels_make_no_larger_files_and_other_formats_keep_theirs():
     assert sizes[1] < sizes[0]
     for fmt, name in (("webp", "WEBP"), ("jpeg", "JPEG")):
         assert Image.open(io.BytesIO(encode_image(image, fmt))).format == name
+
+
+def row_filters(data: bytes, width: int, channels: int) -> list[int]:
+    """The filter type byte of each row of an 8-bit, non-interlaced PNG (its IDAT chunks, inflated)."""
+    pos, idat = 8, b""
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT":
+            idat += data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+    rows = zlib.decompress(idat)
+    stride = 1 + width * channels
+    return [rows[i] for i in range(0, len(rows), stride)]
+
+
+def test_png_rows_are_filtered_by_up_alone_and_stored_unfiltered_at_level_0():
+    image = picture("RGB")
+    up, none = 2, 0
+    assert set(row_filters(encode_image(image, "png", png_compress_level=1), 80, 3)[1:]) == {up}
+    assert set(row_filters(encode_image(image, "png", png_compress_level=0), 80, 3)) == {none}
