@@ -381,8 +381,9 @@ def run_overhead(tiny: bool = False) -> dict:
               + f"; outside the model {row['outside_model_p50_ms']:.2f}")
     record = {
         "command": "python -m bench run overhead" + (" --tiny" if tiny else ""), "jobs": n * len(names),
-        "setting": f"demo FLUX kit, {SIZE}x{SIZE}, {STEPS} steps, 1 thread per process, sequential, interleaved; "
-                   "the figures and the target are the standard library's client's (`http.client`)",
+        "setting": f"demo FLUX kit, {SIZE}x{SIZE}, {STEPS} steps, 1 thread per process, sequential, interleaved, "
+                   "worker with T2I_MAX_BATCH=1 and the embedding cache off (every prompt is new); the figures and "
+                   "the target are the standard library's client's (`http.client`)",
         "rows": [
             {"route": "stock FluxPipeline loop", "p50_s": p50_plain, "p95_s": percentile(plain, 95)},
             *({"route": f"HTTP + queue + worker ({row['client']})", "p50_s": row["p50_s"], "p95_s": row["p95_s"]}
