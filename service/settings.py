@@ -62,9 +62,9 @@ class Settings(BaseSettings):
                                          "its last batch had more than one job (a lone job never waits)."
     )
     png_compress_level: int = Field(
-        1, ge=0, le=9, description="zlib level of PNG results, encoded by libpng with zlib's run-length strategy and the Up "
-                                   "row filter: on a 1024x1024 image about 3x as fast as PIL's encoder at level 1, "
-                                   "for a file a sixth smaller; higher levels change little; 0 stores rows "
+        1, ge=0, le=9, description="zlib level of PNG results, encoded by libpng with zlib's run-length strategy and "
+                                   "the Up row filter: on a 1024x1024 image about 3x as fast as PIL's encoder at "
+                                   "level 1, for a file a sixth smaller; higher levels change little; 0 stores rows "
                                    "unfiltered and uncompressed (docs/benchmarks.md, service overhead)."
     )
     progress_interval_s: float = Field(
