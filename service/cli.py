@@ -350,6 +350,30 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/report.json, report.md, grid.png")
 
 
+def _caption_mix(text: str) -> tuple[tuple[str, float], ...]:
+    """`--mix count=0.4,relation=0.4,single=0.1,text=0.1` as (kind, weight) in the world's order of kinds; a kind
+    left out is not drawn."""
+    from trainer.world.scene import KINDS
+
+    weights = {}
+    for part in text.split(","):
+        kind, _, value = part.strip().partition("=")
+        if kind not in KINDS:
+            raise ValidationError(f"`--mix`: {kind!r} is not a kind of scene; the kinds are {', '.join(KINDS)}",
+                                  field="mix")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValidationError(f"`--mix`: the weight of {kind} must be a number, got {value!r}",
+                                  field="mix") from None
+        if not 0.0 <= weight < float("inf"):
+            raise ValidationError(f"`--mix`: the weight of {kind} must be at least 0, got {value}", field="mix")
+        weights[kind] = weight
+    if sum(weights.values()) <= 0:
+        raise ValidationError(f"`--mix`={text!r}: at least one weight must be above 0", field="mix")
+    return tuple((kind, weights[kind]) for kind in KINDS if weights.get(kind, 0.0) > 0)
+
+
 def cmd_world_train(args: argparse.Namespace) -> None:
     torch_setup(args)
     from trainer.world.train import WorldConfig, train_world
@@ -364,6 +388,8 @@ def cmd_world_train(args: argparse.Namespace) -> None:
             raise ValidationError(f"`--timestep-mean`={args.timestep_mean} must be within [-3, 3]",
                                   field="timestep_mean")
         given["timestep_mean"] = args.timestep_mean
+    if args.mix is not None:
+        given["mix"] = _caption_mix(args.mix)
     config = WorldConfig(**given)
     out = train_world(args.output, config, seed=args.seed)
     print(f"wrote the miniature world's model kit to {out}; use it with T2I_MODELS_FILE={out / 'models.yaml'}")
@@ -605,6 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--timestep-mean", type=float,
                     help="location of the logit-normal training timesteps (default 0; above 0 trains more at high "
                          "noise, where layout and counts are decided)")
+    wt.add_argument("--mix", help="the denoiser's caption mix as kind=weight pairs, e.g. "
+                                  "count=0.4,relation=0.4,single=0.1,text=0.1 (default single=0.3,count=0.3,"
+                                  "relation=0.28,text=0.12); a kind left out is not drawn")
     wt.add_argument("--seed", type=int, default=0)
     wt.set_defaults(func=cmd_world_train)
     wp = world.add_parser("prompts", help="write the world's prompt set in the trainer's dataset format")

@@ -73,6 +73,9 @@ class WorldConfig:
     # Location of the logit-normal training timesteps (0: centred on sigma 0.5, as FLUX and SD3 train). Above 0 trains
     # more at high noise, where an image's layout (how many objects, which where) is decided.
     timestep_mean: float = 0.0
+    # The denoiser's caption mix, (kind, weight) in the order of KINDS: how often each kind of scene is drawn. The VAE
+    # always trains on the default mix, so runs that differ only here share their VAE.
+    mix: tuple[tuple[str, float], ...] = tuple(KIND_WEIGHTS.items())
 
     @property
     def latent_size(self) -> int:
@@ -88,12 +91,12 @@ class WorldConfig:
     def recipe(self) -> dict:
         """What a resumed run must keep besides the architecture for its steps to follow the same objective (the
         step budget may grow: its schedule is cosine over the new budget)."""
-        return {"timestep_mean": self.timestep_mean}
+        return {"timestep_mean": self.timestep_mean, "mix": dict(self.mix)}
 
 
-def batch(rng: random.Random, n: int) -> tuple[torch.Tensor, list[str]]:
-    """`n` training images in [-1, 1] and their captions (never a held-out combination)."""
-    kinds = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()), k=n)
+def batch(rng: random.Random, n: int, mix: dict[str, float] = KIND_WEIGHTS) -> tuple[torch.Tensor, list[str]]:
+    """`n` training images in [-1, 1] and their captions (never a held-out combination), kinds drawn by `mix`."""
+    kinds = rng.choices(list(mix), weights=list(mix.values()), k=n)
     scenes, captions = zip(*(training_scene(rng, k) for k in kinds))
     images = np.stack([render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(images).permute(0, 3, 1, 2), list(captions)
@@ -167,8 +170,8 @@ def train_denoiser(transformer: FluxTransformer2DModel, vae: AutoencoderKL, teac
     ckpt, first = work / "denoiser", 1
     if (ckpt / "state.json").is_file():
         state = json.loads((ckpt / "state.json").read_text())
-        # a checkpoint from before the recipe was recorded was trained with today's defaults
-        saved = {**state.get("architecture", config.architecture), **state.get("recipe", WorldConfig().recipe)}
+        # what a checkpoint's recipe does not record (it predates that setting) was trained with today's default
+        saved = {**state.get("architecture", config.architecture), **WorldConfig().recipe, **state.get("recipe", {})}
         current = {**config.architecture, **config.recipe}
         changed = {k: (v, current[k]) for k, v in saved.items() if current.get(k) != v}
         if changed:
@@ -194,7 +197,7 @@ def train_denoiser(transformer: FluxTransformer2DModel, vae: AutoencoderKL, teac
         for group in optimizer.param_groups:
             group["lr"] = lr
         rng, gen = _draw(seed, 3, step)
-        images, captions = batch(rng, n)
+        images, captions = batch(rng, n, dict(config.mix))
         captions = ["" if rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():
             z = vae.encode(images).latent_dist.mean

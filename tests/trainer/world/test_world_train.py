@@ -90,9 +90,36 @@ def test_the_timestep_location_is_recorded_and_a_resume_with_another_is_refused(
 
     shifted = _train(tmp_path / "run", "--timestep-mean", "0.8")
     assert shifted.returncode == 0, shifted.stderr[-2000:]
-    assert json.loads((tmp_path / "run/work/denoiser/state.json").read_text())["recipe"] == {"timestep_mean": 0.8}
+    assert json.loads((tmp_path / "run/work/denoiser/state.json").read_text())["recipe"] == {
+        "timestep_mean": 0.8, "mix": {"single": 0.3, "count": 0.3, "relation": 0.28, "text": 0.12}}
     other = _train(tmp_path / "run")  # the default, 0
     assert other.returncode == 2 and "timestep_mean=0.8" in other.stderr and "timestep_mean=0.0" in other.stderr, \
         other.stderr[-2000:]
     out_of_range = _train(tmp_path / "far", "--timestep-mean", "9")
     assert out_of_range.returncode == 2 and "within [-3, 3]" in out_of_range.stderr, out_of_range.stderr[-2000:]
+
+
+def test_the_caption_mix_draws_its_kinds_in_proportion():
+    _, captions = batch(random.Random(2), 2000, {"count": 3.0, "relation": 1.0})
+    kinds = [parse(c)["kind"] for c in captions]
+    assert set(kinds) == {"count", "relation"}
+    assert 0.70 < kinds.count("count") / len(kinds) < 0.80  # 3:1, about 0.75
+
+
+def test_the_caption_mix_is_recorded_a_resume_with_another_is_refused_and_bad_mixes_are_named(tmp_path):
+    import json
+
+    mixed = _train(tmp_path / "run", "--mix", "count=0.5,relation=0.5")
+    assert mixed.returncode == 0, mixed.stderr[-2000:]
+    recipe = json.loads((tmp_path / "run/work/denoiser/state.json").read_text())["recipe"]
+    assert recipe["mix"] == {"count": 0.5, "relation": 0.5}
+    default = _train(tmp_path / "run")
+    assert default.returncode == 2 and "mix=" in default.stderr and "'relation': 0.5" in default.stderr, \
+        default.stderr[-2000:]
+    for bad, says in (("count=0.5,colour=1", "'colour' is not a kind of scene"),
+                      ("count=lots", "the weight of count must be a number"),
+                      ("count=-1,text=2", "the weight of count must be at least 0"),
+                      ("count=0,text=0", "at least one weight must be above 0")):
+        refused = _train(tmp_path / "bad", "--mix", bad)
+        assert refused.returncode == 2 and says in refused.stderr, (bad, refused.stderr[-2000:])
+    assert not (tmp_path / "bad" / "work").exists()  # refused before anything was written
