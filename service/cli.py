@@ -403,6 +403,9 @@ def cmd_world_prompts(args: argparse.Namespace) -> None:
 
 
 def cmd_world_eval(args: argparse.Namespace) -> None:
+    if args.details and not args.out:
+        raise ValidationError("`--details` lists every image in the JSON report: give `--out FILE` too",
+                              field="details")
     torch_setup(args)
     import json as _json
 
@@ -424,7 +427,8 @@ def cmd_world_eval(args: argparse.Namespace) -> None:
     report = {}
     for name in args.encoder or list(registry.encoders):
         route = registry.route(name)
-        report[name] = encoder_accuracy(generator, args.pipeline, name, prompts, steps=args.steps, seeds=args.seeds)
+        report[name] = encoder_accuracy(generator, args.pipeline, name, prompts, steps=args.steps, seeds=args.seeds,
+                                        details=args.details)
         routed = report[name]["routed"]
         # bytes: the encoder's; for a route, the mean over its jobs of the bytes of the encoder each ran on
         report[name]["bytes"] = round(sum(encoder_row(registry.encoder(n)).bytes * k for n, k in routed.items())
@@ -656,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(such as --cfg) here, never on the held-out set")
     we.add_argument("--cfg", type=float, help="true classifier-free guidance (default: the pipeline's)")
     we.add_argument("--out", help="also write the JSON report here")
+    we.add_argument("--details", action="store_true",
+                    help="the report also lists every image: its prompt, seed, the attributes it got wrong and what "
+                         "the evaluator found in it")
     we.add_argument("--chart", help="also draw accuracy against encoder bytes (PNG) here")
     we.set_defaults(func=cmd_world_eval)
     wd = world.add_parser("diagnose", parents=[common],

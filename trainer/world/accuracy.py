@@ -17,7 +17,7 @@ from service.compare import wilson
 from service.models.generation import GenerationRequest, Generator
 from service.models.routing import decide
 from trainer.world.captions import EVAL_SEED, held_out_prompts, parse  # noqa: F401 (re-exported)
-from trainer.world.evaluator import accuracy, score
+from trainer.world.evaluator import accuracy, blobs, score
 
 
 def criterion_of(kind: str) -> str:
@@ -27,25 +27,35 @@ def criterion_of(kind: str) -> str:
 SEED_STRIDE = 100_000  # seed s of prompt i draws its noise from seed s * SEED_STRIDE + i
 
 
+def drawn(image: np.ndarray) -> list[list]:
+    """What the evaluator found in an image: [colour, shape, area in pixels] per object, largest first."""
+    return [[b.color, "sign" if b.color == "sign" else b.shape, b.area] for b in blobs(image)]
+
+
 def encoder_accuracy(generator: Generator, pipeline: str, encoder: str, prompts: list[str], seed: int = 0,
-                     steps: int | None = None, seeds: int = 1) -> dict:
+                     steps: int | None = None, seeds: int = 1, details: bool = False) -> dict:
     """Per attribute and per criterion accuracy of one encoder (or route: each prompt on the encoder the route picks)
     over the prompts, each drawn with `seeds` seeds, with 95% Wilson intervals (`intervals`), the number of images
     behind each figure (`n`), the jobs per encoder that ran (`routed`) and the mean T5 encode time per job
-    (`encode_s`, every encoder loaded before timing)."""
+    (`encode_s`, every encoder loaded before timing). With `details`, also per image (`images`): its prompt, seed,
+    the attributes it got wrong and what the evaluator found in it, to see how an encoder fails, not only how often."""
     route = generator.registry.routes.get(encoder)
     ran_on = [decide(route, p).encoder if route is not None else encoder for p in prompts]
     for name in dict.fromkeys(ran_on):
         generator.load(pipeline, name)
-    by_attribute, by_criterion, encode_s = [], defaultdict(list), []
+    by_attribute, by_criterion, encode_s, images = [], defaultdict(list), [], []
     for s in range(seeds):
         for i, prompt in enumerate(prompts):
             truth = parse(prompt)
             result = generator.generate(GenerationRequest(prompt=prompt, pipeline=pipeline, encoder=ran_on[i],
                                                           seed=seed + s * SEED_STRIDE + i, steps=steps))
             encode_s.append(result.timings["encode"])
-            result = score(np.asarray(result.images[0].convert("RGB")), truth)
+            image = np.asarray(result.images[0].convert("RGB"))
+            result = score(image, truth)
             by_attribute.append(result)
+            if details:
+                images.append({"prompt": prompt, "seed": seed + s * SEED_STRIDE + i, "encoder": ran_on[i],
+                               "wrong": sorted(k for k, v in result.items() if not v), "found": drawn(image)})
             by_criterion[criterion_of(truth["kind"])].append(all(result.values()))
     counts = {c: (int(sum(v)), len(v)) for c, v in sorted(by_criterion.items())}
     for key in {k for r in by_attribute for k in r}:
@@ -56,7 +66,8 @@ def encoder_accuracy(generator: Generator, pipeline: str, encoder: str, prompts:
             "intervals": {k: list(wilson(*kn)) for k, kn in sorted(counts.items())},
             "n": {k: kn[1] for k, kn in sorted(counts.items())},
             "routed": {name: ran_on.count(name) * seeds for name in sorted(set(ran_on))},
-            "encode_s": float(np.mean(encode_s)), "prompts": len(prompts), "seeds": seeds}
+            "encode_s": float(np.mean(encode_s)), "prompts": len(prompts), "seeds": seeds,
+            **({"images": images} if details else {})}
 
 
 def markdown_table(report: dict) -> str:

@@ -37,10 +37,18 @@ def test_it_is_the_default_models_file(monkeypatch):
 
 
 def test_the_teacher_draws_single_objects(generator):
-    report = encoder_accuracy(generator, "flux", "t5-xxl", single_prompts(24, seed=20_000))
+    prompts = single_prompts(24, seed=20_000)
+    report = encoder_accuracy(generator, "flux", "t5-xxl", prompts, details=True)
     acc = report["attributes"]
     # Reduced thresholds of the documented figures, on 24 fixed held-out prompts.
     assert acc["color"] >= 0.8 and acc["position"] >= 0.7 and acc["shape"] >= 0.5, acc
+    # The per-image details agree with the figures: one row per image, and as many wrong colours as the rate says.
+    rows = report["images"]
+    assert [r["prompt"] for r in rows] == prompts and [r["seed"] for r in rows] == list(range(24))
+    assert sum("color" in r["wrong"] for r in rows) == round((1 - acc["color"]) * 24)
+    for r in rows:
+        if "color" not in r["wrong"]:  # the largest object found has the prompt's colour
+            assert r["found"] and r["found"][0][0] in r["prompt"], r
 
 
 def test_every_encoder_in_the_kit_generates(generator):
@@ -139,3 +147,11 @@ def test_world_eval_of_a_route_and_of_a_validation_guidance(tmp_path, capsys):
                  "--cfg", "1.0", "--prompts", "6", "--steps", "4", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["t5-xxl"]["n"]["semantics"] == 6 and "text_rendering" not in report["t5-xxl"]["n"]
+    assert "images" not in report["t5-xxl"]  # only with --details
+
+    assert main(["world", "eval", "--models-file", str(MINIATURE_KIT), "--encoder", "t5-xxl", "--validation",
+                 "--prompts", "3", "--steps", "4", "--details", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["t5-xxl"]["images"]
+    assert [r["prompt"] for r in rows] == held_out_prompts(3, seed=4242, kinds=("single", "count", "relation"))
+    assert main(["world", "eval", "--models-file", str(MINIATURE_KIT), "--details"]) == 2
+    assert "`--details` lists every image in the JSON report: give `--out FILE` too" in capsys.readouterr().err
