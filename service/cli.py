@@ -390,6 +390,8 @@ def cmd_world_train(args: argparse.Namespace) -> None:
         given["timestep_mean"] = args.timestep_mean
     if args.mix is not None:
         given["mix"] = _caption_mix(args.mix)
+    if args.teacher is not None:
+        given["teacher"] = args.teacher
     config = WorldConfig(**given)
     out = train_world(args.output, config, seed=args.seed)
     print(f"wrote the miniature world's model kit to {out}; use it with T2I_MODELS_FILE={out / 'models.yaml'}")
@@ -466,6 +468,8 @@ def cmd_world_diagnose(args: argparse.Namespace) -> None:
         rates = probe[name]
         print(f"text probe on the teacher's {name.replace('_', ' ')}: every attribute {rates['every_attribute']:.0%} ("
               + ", ".join(f"{k} {v:.0%}" for k, v in rates["attributes"].items()) + ")")
+    print("binding, a shape word's output read alone for the colour before it: "
+          + ", ".join(f"{k.split('_')[0]} shape {v:.0%}" for k, v in probe["binding"].items()))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
@@ -638,6 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--mix", help="the denoiser's caption mix as kind=weight pairs, e.g. "
                                   "count=0.4,relation=0.4,single=0.1,text=0.1 (default single=0.3,count=0.3,"
                                   "relation=0.28,text=0.12); a kind left out is not drawn")
+    wt.add_argument("--teacher", choices=("random", "local"),
+                    help="the frozen teacher T5's attention: random as initialised (default), or local (heads biased "
+                         "to the previous, next and same word, so that each output carries its neighbours)")
     wt.add_argument("--seed", type=int, default=0)
     wt.set_defaults(func=cmd_world_train)
     wp = world.add_parser("prompts", help="write the world's prompt set in the trainer's dataset format")

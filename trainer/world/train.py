@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, T5EncoderModel
 
 from service.errors import ConfigError
 from service.models.demo import T5Size, _clip_config, build_clip_tokenizer, build_student, build_t5_tokenizer
@@ -76,6 +76,9 @@ class WorldConfig:
     # The denoiser's caption mix, (kind, weight) in the order of KINDS: how often each kind of scene is drawn. The VAE
     # always trains on the default mix, so runs that differ only here share their VAE.
     mix: tuple[tuple[str, float], ...] = tuple(KIND_WEIGHTS.items())
+    # The frozen teacher's attention: "random" as initialised (its heads attend almost uniformly, so each output is
+    # mostly its own word plus the caption's mean), or "local" (see `local_attention`).
+    teacher: str = "random"
 
     @property
     def latent_size(self) -> int:
@@ -91,7 +94,7 @@ class WorldConfig:
     def recipe(self) -> dict:
         """What a resumed run must keep besides the architecture for its steps to follow the same objective (the
         step budget may grow: its schedule is cosine over the new budget)."""
-        return {"timestep_mean": self.timestep_mean, "mix": dict(self.mix)}
+        return {"timestep_mean": self.timestep_mean, "mix": dict(self.mix), "teacher": self.teacher}
 
 
 def batch(rng: random.Random, n: int, mix: dict[str, float] = KIND_WEIGHTS) -> tuple[torch.Tensor, list[str]]:
@@ -118,6 +121,27 @@ def build_transformer(config: WorldConfig = WorldConfig()) -> FluxTransformer2DM
         num_single_layers=config.single_layers, attention_head_dim=32, num_attention_heads=config.heads,
         joint_attention_dim=TEACHER.d_model, pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=(8, 12, 12),
     )
+
+
+TEACHER_KINDS = ("random", "local")
+LOCAL_BIAS = 10.0
+
+
+def local_attention(teacher: T5EncoderModel) -> T5EncoderModel:
+    """Give the random teacher's first three attention heads a strong relative-position bias toward the previous
+    word, the next word and the word itself (the fourth stays as initialised). T5 computes that bias once and every
+    layer uses it, so each output then carries its neighbours: the shape word of "a red circle" carries "red", as a
+    trained T5's outputs bind neighbouring words (`binding` in `t2i world diagnose` reads it)."""
+    attention = teacher.encoder.block[0].layer[0].SelfAttention
+    config = teacher.config
+    with torch.no_grad():
+        bias = attention.relative_attention_bias.weight  # [buckets, heads]
+        for head, offset in enumerate((-1, 1, 0)):
+            bucket = attention._relative_position_bucket(torch.tensor(offset), bidirectional=True,
+                                                         num_buckets=config.relative_attention_num_buckets,
+                                                         max_distance=config.relative_attention_max_distance)
+            bias[bucket, head] += LOCAL_BIAS
+    return teacher
 
 
 def null_clip(tokenizer) -> CLIPTextModel:
@@ -260,6 +284,8 @@ def train_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), *, see
     # 1. Tokenizers, the frozen teacher T5 and the null CLIP.
     t5_tokenizer, clip_tokenizer = build_t5_tokenizer(), build_clip_tokenizer()
     teacher = build_teacher(t5_tokenizer, seed, size=TEACHER).requires_grad_(False)
+    if config.teacher == "local":
+        local_attention(teacher)
     clip = null_clip(clip_tokenizer)
 
     # 2. The VAE (trained once, then kept in WORK/vae), then the denoiser conditioned on the teacher.

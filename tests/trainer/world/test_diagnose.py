@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from trainer.world.diagnose import diagnose
 
 KIT = "service/models/miniature"
@@ -20,6 +22,33 @@ def test_the_checks_bound_the_teacher_from_outside():
     # which colour comes first is in the word order: about chance (1/2 of the two named) without it
     assert words["attributes"]["color"] < 0.65 < output["attributes"]["color"]
     assert output["every_attribute"] > words["every_attribute"] + 0.1
+
+
+def test_binding_reads_the_colour_a_shape_word_carries_and_a_local_teacher_carries_it_whole():
+    """A shape word's input embedding says nothing of the colour before it (about 1/6); the random teacher's output
+    says some of it; the local-attention teacher's (`t2i world train --teacher local`) all of it."""
+    from service.models.demo import build_t5_tokenizer, build_teacher
+    from trainer.world.diagnose import _relation_captions, binding
+    from trainer.world.train import MAX_TOKENS, TEACHER, local_attention
+
+    tokenizer = build_t5_tokenizer()
+
+    def rates(encoder, words=False):
+        splits = []
+        for seed, n in ((1, 1500), (2, 500)):
+            captions, labels = _relation_captions(seed, n)
+            batch = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt")
+            with torch.no_grad():
+                tokens = (encoder.get_input_embeddings()(batch.input_ids) if words
+                          else encoder(batch.input_ids, attention_mask=batch.attention_mask)[0])
+            splits.append((tokens, batch.attention_mask, labels))
+        return binding(*splits[0], splits[1], steps=300)
+
+    random_teacher = build_teacher(tokenizer, 0, size=TEACHER)
+    words, random_rates = rates(random_teacher, words=True), rates(random_teacher)
+    local = rates(local_attention(build_teacher(tokenizer, 0, size=TEACHER)))
+    assert max(words.values()) < 0.35, words
+    assert all(local[k] >= 0.98 and local[k] > random_rates[k] + 0.1 for k in local), (random_rates, local)
 
 
 def test_the_command_names_a_missing_part_of_the_kit(tmp_path):

@@ -91,7 +91,7 @@ def test_the_timestep_location_is_recorded_and_a_resume_with_another_is_refused(
     shifted = _train(tmp_path / "run", "--timestep-mean", "0.8")
     assert shifted.returncode == 0, shifted.stderr[-2000:]
     assert json.loads((tmp_path / "run/work/denoiser/state.json").read_text())["recipe"] == {
-        "timestep_mean": 0.8, "mix": {"single": 0.3, "count": 0.3, "relation": 0.28, "text": 0.12}}
+        "timestep_mean": 0.8, "mix": {"single": 0.3, "count": 0.3, "relation": 0.28, "text": 0.12}, "teacher": "random"}
     other = _train(tmp_path / "run")  # the default, 0
     assert other.returncode == 2 and "timestep_mean=0.8" in other.stderr and "timestep_mean=0.0" in other.stderr, \
         other.stderr[-2000:]
@@ -106,13 +106,21 @@ def test_the_caption_mix_draws_its_kinds_in_proportion():
     assert 0.70 < kinds.count("count") / len(kinds) < 0.80  # 3:1, about 0.75
 
 
-def test_the_caption_mix_is_recorded_a_resume_with_another_is_refused_and_bad_mixes_are_named(tmp_path):
+def test_the_caption_mix_and_teacher_are_recorded_a_resume_with_another_is_refused_and_bad_mixes_are_named(tmp_path):
     import json
 
-    mixed = _train(tmp_path / "run", "--mix", "count=0.5,relation=0.5")
+    from transformers import T5EncoderModel
+
+    mixed = _train(tmp_path / "run", "--mix", "count=0.5,relation=0.5", "--teacher", "local")
     assert mixed.returncode == 0, mixed.stderr[-2000:]
     recipe = json.loads((tmp_path / "run/work/denoiser/state.json").read_text())["recipe"]
-    assert recipe["mix"] == {"count": 0.5, "relation": 0.5}
+    assert recipe["mix"] == {"count": 0.5, "relation": 0.5} and recipe["teacher"] == "local"
+    # the kit's teacher is the local one: its first head's bias toward the previous word (bucket 1) is the largest
+    bias = T5EncoderModel.from_pretrained(tmp_path / "run/encoders/t5-xxl").encoder.block[0].layer[0] \
+        .SelfAttention.relative_attention_bias.weight
+    assert bias[:, 0].argmax() == 1 and bias[1, 0] > 9
+    random_teacher = _train(tmp_path / "run", "--mix", "count=0.5,relation=0.5")
+    assert random_teacher.returncode == 2 and "teacher=local" in random_teacher.stderr, random_teacher.stderr[-2000:]
     default = _train(tmp_path / "run")
     assert default.returncode == 2 and "mix=" in default.stderr and "'relation': 0.5" in default.stderr, \
         default.stderr[-2000:]
