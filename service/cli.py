@@ -439,6 +439,14 @@ def cmd_world_eval(args: argparse.Namespace) -> None:
                                         else None)
         print(f"{name}: " + ", ".join(f"{c} {v:.0%}" for c, v in report[name]["criteria"].items())
               + (f" (jobs: {routed})" if route is not None else ""), flush=True)
+        if args.details:
+            how = report[name]["failures"]
+            print("  every attribute right: "
+                  + ", ".join(f"{k} {r}/{n}" for k, (r, n) in how["every_attribute"].items())
+                  + "; objects drawn per count asked: " + "; ".join(
+                      f"{asked}: " + ", ".join(f"{d} x{k}" for d, k in drawn.items())
+                      for asked, drawn in how["count_drawn"].items())
+                  + "; failed relations: " + ", ".join(f"{k} {v}" for k, v in how["relation_failures"].items()))
     print(markdown_table(report))
     if args.out:
         Path(args.out).write_text(_json.dumps(report, indent=2) + "\n")

@@ -32,6 +32,37 @@ def drawn(image: np.ndarray) -> list[list]:
     return [[b.color, "sign" if b.color == "sign" else b.shape, b.area] for b in blobs(image)]
 
 
+def failures(images: list[dict]) -> dict:
+    """How the images of `encoder_accuracy(..., details=True)` fail, from what the evaluator found in each: every
+    attribute right per kind (right, of); for count prompts, how many objects of the colour were drawn per count
+    asked; for relation prompts gone wrong, the shapes of the two named colours' objects (right, swapped, one copied
+    from the other, other) and whether the relation held."""
+    kinds: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    counts: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    relations: dict[str, int] = defaultdict(int)
+    for row in images:
+        truth = parse(row["prompt"])
+        kinds[truth["kind"]][0] += not row["wrong"]
+        kinds[truth["kind"]][1] += 1
+        if truth["kind"] == "count":
+            counts[truth["count"]][sum(1 for color, _, _ in row["found"] if color == truth["color"])] += 1
+        elif truth["kind"] == "relation" and row["wrong"]:
+            relations["relation wrong" if "relation" in row["wrong"] else "relation right"] += 1
+            first = next((shape for color, shape, _ in row["found"] if color == truth["color"]), None)
+            second = next((shape for color, shape, _ in row["found"] if color == truth["color2"]), None)
+            if first is None or second is None:
+                relations["a colour missing"] += 1
+            elif (first, second) == (truth["shape"], truth["shape2"]):
+                relations["shapes right"] += 1
+            elif (first, second) == (truth["shape2"], truth["shape"]):
+                relations["shapes swapped"] += 1
+            else:
+                relations["one shape copied" if first == second else "other shapes"] += 1
+    return {"every_attribute": {k: tuple(v) for k, v in kinds.items()},
+            "count_drawn": {asked: dict(sorted(drawn.items())) for asked, drawn in sorted(counts.items())},
+            "relation_failures": dict(relations)}
+
+
 def encoder_accuracy(generator: Generator, pipeline: str, encoder: str, prompts: list[str], seed: int = 0,
                      steps: int | None = None, seeds: int = 1, details: bool = False) -> dict:
     """Per attribute and per criterion accuracy of one encoder (or route: each prompt on the encoder the route picks)
@@ -67,7 +98,7 @@ def encoder_accuracy(generator: Generator, pipeline: str, encoder: str, prompts:
             "n": {k: kn[1] for k, kn in sorted(counts.items())},
             "routed": {name: ran_on.count(name) * seeds for name in sorted(set(ran_on))},
             "encode_s": float(np.mean(encode_s)), "prompts": len(prompts), "seeds": seeds,
-            **({"images": images} if details else {})}
+            **({"images": images, "failures": failures(images)} if details else {})}
 
 
 def markdown_table(report: dict) -> str:

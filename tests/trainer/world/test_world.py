@@ -52,3 +52,25 @@ def test_captions_state_the_ground_truth():
 def test_rendering_is_deterministic():
     a = [render(sample(random.Random(5))) for _ in range(2)]
     assert np.array_equal(a[0], a[1])
+
+
+def test_failures_tell_how_images_miss_their_prompts():
+    """Ground-truth renders scored against prompts they do not meet: three objects for "two", a relation drawn with
+    its shapes swapped, one with its objects in the wrong places, and a render that meets its prompt."""
+    from trainer.world.accuracy import drawn, failures
+    from trainer.world.scene import Scene, Thing
+
+    def row(scene: Scene, prompt: str) -> dict:
+        image = render(scene)
+        return {"prompt": prompt, "wrong": sorted(k for k, v in score(image, parse(prompt)).items() if not v),
+                "found": drawn(image)}
+
+    three = Scene("count", tuple(Thing("circle", "red", (x, 16), 6) for x in (6, 16, 26)))
+    swapped = Scene("relation", (Thing("square", "red", (9, 16), 10), Thing("circle", "blue", (23, 16), 10)))
+    rows = [row(three, "two red circles"), row(three, "three red circles"),
+            row(swapped, "a red circle left of a blue square"), row(swapped, "a red square right of a blue circle")]
+    how = failures(rows)
+    assert how["every_attribute"] == {"count": (1, 2), "relation": (0, 2)}
+    assert how["count_drawn"] == {2: {3: 1}, 3: {3: 1}}
+    assert how["relation_failures"] == {"relation right": 1, "shapes swapped": 1, "relation wrong": 1,
+                                        "shapes right": 1}
