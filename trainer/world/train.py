@@ -123,7 +123,6 @@ def build_transformer(config: WorldConfig = WorldConfig()) -> FluxTransformer2DM
     )
 
 
-TEACHER_KINDS = ("random", "local")
 LOCAL_BIAS = 10.0
 
 
