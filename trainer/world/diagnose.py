@@ -142,16 +142,21 @@ def binding(tokens: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, test
                                                      steps, seed)}
 
 
+def embeddings(encoder: T5EncoderModel, tokenizer, captions: list[str], max_tokens: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The encoder's output for each caption's tokens, their context-free input embeddings, and the padding mask."""
+    batch = tokenizer(captions, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        contextual = encoder(batch.input_ids, attention_mask=batch.attention_mask)[0]
+        words = encoder.get_input_embeddings()(batch.input_ids)
+    return contextual, words, batch.attention_mask
+
+
 def text_probe(encoder: T5EncoderModel, tokenizer, *, max_tokens: int, train: int = 8000, test: int = 2000,
                steps: int = 1500, seed: int = 0) -> dict:
     """The probe's held-out rates on relation captions, from the encoder's output and from its input embeddings."""
     def embed(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        batch = tokenizer(captions, padding="max_length", max_length=max_tokens, truncation=True,
-                          return_tensors="pt")
-        with torch.no_grad():
-            contextual = encoder(batch.input_ids, attention_mask=batch.attention_mask)[0]
-            words = encoder.get_input_embeddings()(batch.input_ids)
-        return contextual, words, batch.attention_mask
+        return embeddings(encoder, tokenizer, captions, max_tokens)
 
     train_captions, train_labels = _relation_captions(PROBE_TRAIN_SEED, train)
     test_captions, test_labels = _relation_captions(EVAL_SEED, test)

@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-import torch
-
 from trainer.world.diagnose import diagnose
 
 KIT = "service/models/miniature"
@@ -28,7 +26,7 @@ def test_binding_reads_the_colour_a_shape_word_carries_and_a_local_teacher_carri
     """A shape word's input embedding says nothing of the colour before it (about 1/6); the random teacher's output
     says some of it; the local-attention teacher's (`t2i world train --teacher local`) all of it."""
     from service.models.demo import build_t5_tokenizer, build_teacher
-    from trainer.world.diagnose import _relation_captions, binding
+    from trainer.world.diagnose import _relation_captions, binding, embeddings
     from trainer.world.train import MAX_TOKENS, TEACHER, local_attention
 
     tokenizer = build_t5_tokenizer()
@@ -37,11 +35,8 @@ def test_binding_reads_the_colour_a_shape_word_carries_and_a_local_teacher_carri
         splits = []
         for seed, n in ((1, 1500), (2, 500)):
             captions, labels = _relation_captions(seed, n)
-            batch = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt")
-            with torch.no_grad():
-                tokens = (encoder.get_input_embeddings()(batch.input_ids) if words
-                          else encoder(batch.input_ids, attention_mask=batch.attention_mask)[0])
-            splits.append((tokens, batch.attention_mask, labels))
+            contextual, inputs, mask = embeddings(encoder, tokenizer, captions, MAX_TOKENS)
+            splits.append((inputs if words else contextual, mask, labels))
         return binding(*splits[0], splits[1], steps=300)
 
     random_teacher = build_teacher(tokenizer, 0, size=TEACHER)
