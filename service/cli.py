@@ -408,13 +408,23 @@ def cmd_world_eval(args: argparse.Namespace) -> None:
     if args.details and not args.out:
         raise ValidationError("`--details` lists every image in the JSON report: give `--out FILE` too",
                               field="details")
+    from trainer.world.captions import parse
+
+    for text in args.prompt or []:
+        if parse(text) is None:
+            raise ValidationError(f"`--prompt` {text!r} is outside the miniature world's grammar, so the evaluator "
+                                  "cannot judge it (e.g. 'two green triangles', 'a red circle above a blue square', "
+                                  "\"a sign reading 'cat'\")", field="prompt")
+    if args.prompt and (args.novel or args.validation):
+        raise ValidationError("`--prompt` evaluates the prompts given: drop `--novel` / `--validation`",
+                              field="prompt")
     torch_setup(args)
     import json as _json
 
     from service.models.generation import Generator
     from service.models.registry import Registry
     from service.models.sizes import encoder_row
-    from trainer.world.accuracy import encoder_accuracy, held_out_prompts, markdown_table, plot_frontier
+    from trainer.world.accuracy import encoder_accuracy, held_out_prompts, markdown_table, per_prompt, plot_frontier
     from trainer.world.captions import VALIDATION_SEED, novel_prompts
 
     registry = Registry.from_file(models_file(args))
@@ -422,7 +432,9 @@ def cmd_world_eval(args: argparse.Namespace) -> None:
         spec = registry.pipeline(args.pipeline).model_copy(update={"true_cfg_scale": args.cfg})
         registry = registry.model_copy(update={"pipelines": {**registry.pipelines, args.pipeline: spec}})
     generator = Generator(registry)
-    if args.validation:
+    if args.prompt:
+        prompts = list(dict.fromkeys(args.prompt))
+    elif args.validation:
         prompts = held_out_prompts(args.prompts, seed=VALIDATION_SEED, kinds=("single", "count", "relation"))
     else:
         prompts = novel_prompts(args.prompts) if args.novel else held_out_prompts(args.prompts)
@@ -430,7 +442,11 @@ def cmd_world_eval(args: argparse.Namespace) -> None:
     for name in args.encoder or list(registry.encoders):
         route = registry.route(name)
         report[name] = encoder_accuracy(generator, args.pipeline, name, prompts, steps=args.steps, seeds=args.seeds,
-                                        details=args.details)
+                                        details=args.details or bool(args.prompt), same_seeds=bool(args.prompt))
+        if args.prompt:  # seeds 0..N-1 of each prompt, as requests with those seeds get them
+            report[name]["per_prompt"] = per_prompt(report[name]["images"])
+            if not args.details:
+                del report[name]["images"], report[name]["failures"]
         routed = report[name]["routed"]
         # bytes: the encoder's; for a route, the mean over its jobs of the bytes of the encoder each ran on
         report[name]["bytes"] = round(sum(encoder_row(registry.encoder(n)).bytes * k for n, k in routed.items())
@@ -447,6 +463,8 @@ def cmd_world_eval(args: argparse.Namespace) -> None:
                       f"{asked}: " + ", ".join(f"{d} x{k}" for d, k in drawn.items())
                       for asked, drawn in how["count_drawn"].items())
                   + "; failed relations: " + ", ".join(f"{k} {v}" for k, v in how["relation_failures"].items()))
+        for text, got in report[name].get("per_prompt", {}).items():
+            print(f"  {text!r}: every attribute right on {got['right']} of {got['of']} seeds {got['right_seeds']}")
     print(markdown_table(report))
     if args.out:
         Path(args.out).write_text(_json.dumps(report, indent=2) + "\n")
@@ -666,6 +684,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="encoder or route (e.g. auto) to evaluate (repeat; default: every encoder)")
     we.add_argument("--pipeline", default="flux")
     we.add_argument("--prompts", type=int, default=120)
+    we.add_argument("--prompt", action="append",
+                    help="evaluate this prompt (repeat) instead of drawn ones, with seeds 0..N-1 of --seeds: the "
+                         "images requests with those seeds get; the report says per prompt on which seeds every "
+                         "attribute came out right")
     we.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
     we.add_argument("--seeds", type=int, default=1, help="seeds per prompt (default 1)")
     we.add_argument("--novel", action="store_true",

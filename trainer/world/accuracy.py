@@ -63,13 +63,30 @@ def failures(images: list[dict]) -> dict:
             "relation_failures": dict(relations)}
 
 
+def per_prompt(images: list[dict]) -> dict:
+    """For the images of `encoder_accuracy(..., details=True)`: per prompt, how many of its images got every
+    attribute right, of how many, and the seeds of those that did."""
+    out: dict[str, dict] = {}
+    for row in images:
+        entry = out.setdefault(row["prompt"], {"right": 0, "of": 0, "right_seeds": []})
+        entry["of"] += 1
+        if not row["wrong"]:
+            entry["right"] += 1
+            entry["right_seeds"].append(row["seed"])
+    return out
+
+
 def encoder_accuracy(generator: Generator, pipeline: str, encoder: str, prompts: list[str], seed: int = 0,
-                     steps: int | None = None, seeds: int = 1, details: bool = False) -> dict:
+                     steps: int | None = None, seeds: int = 1, details: bool = False,
+                     same_seeds: bool = False) -> dict:
     """Per attribute and per criterion accuracy of one encoder (or route: each prompt on the encoder the route picks)
     over the prompts, each drawn with `seeds` seeds, with 95% Wilson intervals (`intervals`), the number of images
     behind each figure (`n`), the jobs per encoder that ran (`routed`) and the mean T5 encode time per job
     (`encode_s`, every encoder loaded before timing). With `details`, also per image (`images`): its prompt, seed,
-    the attributes it got wrong and what the evaluator found in it, to see how an encoder fails, not only how often."""
+    the attributes it got wrong and what the evaluator found in it, to see how an encoder fails, not only how often.
+
+    Prompt i's seed s is `seed + s * SEED_STRIDE + i` (no two images share their noise), or, with `same_seeds`,
+    `seed + s` for every prompt: the images a user gets by sending those prompts with those seeds."""
     route = generator.registry.routes.get(encoder)
     ran_on = [decide(route, p).encoder if route is not None else encoder for p in prompts]
     for name in dict.fromkeys(ran_on):
@@ -78,14 +95,15 @@ def encoder_accuracy(generator: Generator, pipeline: str, encoder: str, prompts:
     for s in range(seeds):
         for i, prompt in enumerate(prompts):
             truth = parse(prompt)
+            noise = seed + s if same_seeds else seed + s * SEED_STRIDE + i
             result = generator.generate(GenerationRequest(prompt=prompt, pipeline=pipeline, encoder=ran_on[i],
-                                                          seed=seed + s * SEED_STRIDE + i, steps=steps))
+                                                          seed=noise, steps=steps))
             encode_s.append(result.timings["encode"])
             image = np.asarray(result.images[0].convert("RGB"))
             result = score(image, truth)
             by_attribute.append(result)
             if details:
-                images.append({"prompt": prompt, "seed": seed + s * SEED_STRIDE + i, "encoder": ran_on[i],
+                images.append({"prompt": prompt, "seed": noise, "encoder": ran_on[i],
                                "wrong": sorted(k for k, v in result.items() if not v), "found": drawn(image)})
             by_criterion[criterion_of(truth["kind"])].append(all(result.values()))
     counts = {c: (int(sum(v)), len(v)) for c, v in sorted(by_criterion.items())}

@@ -155,3 +155,39 @@ def test_world_eval_of_a_route_and_of_a_validation_guidance(tmp_path, capsys):
     assert [r["prompt"] for r in rows] == held_out_prompts(3, seed=4242, kinds=("single", "count", "relation"))
     assert main(["world", "eval", "--models-file", str(MINIATURE_KIT), "--details"]) == 2
     assert "`--details` lists every image in the JSON report: give `--out FILE` too" in capsys.readouterr().err
+
+
+def test_world_eval_of_given_prompts_uses_the_request_seeds(tmp_path, capsys, generator):
+    """`--prompt` evaluates the prompts given on seeds 0..N-1, the images requests with those seeds get (the README
+    check), and says per prompt on which seeds every attribute came out right; a prompt outside the grammar fails
+    before any model loads, naming the flag."""
+    import json
+
+    import numpy as np
+
+    from service.cli import main
+    from trainer.world.accuracy import drawn
+    from trainer.world.captions import parse
+    from trainer.world.evaluator import score
+
+    out = tmp_path / "eval.json"
+    prompts = ["two green triangles", "a red circle above a blue square"]
+    assert main(["world", "eval", "--models-file", str(MINIATURE_KIT), "--encoder", "t5-xxl", "--prompt", prompts[0],
+                 "--prompt", prompts[1], "--seeds", "2", "--steps", "4", "--details", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())["t5-xxl"]
+    assert [(r["prompt"], r["seed"]) for r in report["images"]] == [(p, s) for s in (0, 1) for p in prompts]
+    for p in prompts:
+        got = report["per_prompt"][p]
+        assert got["of"] == 2 and got["right"] == len(got["right_seeds"])
+        assert got["right_seeds"] == [r["seed"] for r in report["images"] if r["prompt"] == p and not r["wrong"]]
+    # The image of seed 1 is the one a request with seed 1 gets.
+    image = np.asarray(generator.generate(GenerationRequest(prompt=prompts[1], pipeline="flux", encoder="t5-xxl",
+                                                            seed=1, steps=4)).images[0].convert("RGB"))
+    row = report["images"][3]
+    assert row["found"] == drawn(image)
+    assert row["wrong"] == sorted(k for k, v in score(image, parse(prompts[1])).items() if not v)
+    assert f"{prompts[0]!r}: every attribute right on {report['per_prompt'][prompts[0]]['right']} of 2" \
+        in capsys.readouterr().out
+
+    assert main(["world", "eval", "--models-file", str(MINIATURE_KIT), "--prompt", "a photo of a fox"]) == 2
+    assert "`--prompt` 'a photo of a fox' is outside the miniature world's grammar" in capsys.readouterr().err
