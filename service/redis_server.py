@@ -33,16 +33,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class EmbeddedRedis:
-    """`with EmbeddedRedis() as server: server.url`. `appendonly=True` persists to `data_dir` (AOF)."""
+    """`with EmbeddedRedis() as server: server.url`. `appendonly=True` persists to `data_dir` (AOF).
+    `own_session=True` starts the server in its own session, so that a terminal's Ctrl-C (sent to the whole
+    foreground process group) does not reach it: whoever started it stops it, last, by pid."""
 
     def __init__(self, port: int | None = None, *, data_dir: str | Path | None = None, appendonly: bool = False,
-                 password: str | None = None):
+                 password: str | None = None, own_session: bool = False):
         self.port = port or free_port()
         self.password = password
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="t2i-redis-")
         self.data_dir = Path(data_dir or self._tmp.name)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.appendonly = appendonly
+        self.own_session = own_session
         self.process: subprocess.Popen | None = None
 
     @property
@@ -56,7 +59,8 @@ class EmbeddedRedis:
                 "--logfile", str(self.data_dir / "server.log")]
         if self.password:
             args += ["--requirepass", self.password]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=self.own_session)
         client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout_s
         while True:

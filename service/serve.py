@@ -44,11 +44,12 @@ def serve(settings: Settings, models_file: Path) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    # 1. The queue's Redis: the configured one, or an embedded server on a free loopback port.
+    # 1. The queue's Redis: the configured one, or an embedded server on a free loopback port, out of the terminal's
+    #    process group, so that Ctrl-C reaches the worker and the API but Redis outlives the job in flight.
     redis_server = None
     redis_url = settings.redis_url
     if not redis_url:
-        redis_server = EmbeddedRedis().start()
+        redis_server = EmbeddedRedis(own_session=True).start()
         redis_url = redis_server.url
     env = {**os.environ, "T2I_REDIS_URL": redis_url, "T2I_MODELS_FILE": str(models_file),
            "T2I_HOST": settings.host, "T2I_PORT": str(settings.port)}

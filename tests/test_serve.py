@@ -1,4 +1,4 @@
-"""`t2i serve`, the README's run command: Redis, API and worker from one command, a PNG, a clean stop."""
+"""`t2i serve`, the README's run command: Redis, API and worker from one command, a PNG, a clean stop on Ctrl-C."""
 
 import os
 import signal
@@ -29,8 +29,9 @@ def test_serve_runs_the_whole_service_and_stops_everything(models_file, tmp_path
     env = {**os.environ, "T2I_MODELS_FILE": str(models_file), "T2I_HOME": str(tmp_path), "T2I_THREADS": "1"}
     env.pop("T2I_REDIS_URL", None)
     log = open(tmp_path / "serve.log", "w+")
+    # Its own process group, as a shell gives a foreground command: Ctrl-C is SIGINT to that whole group.
     serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
-                             stdout=log, stderr=subprocess.STDOUT)
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -50,9 +51,21 @@ def test_serve_runs_the_whole_service_and_stops_everything(models_file, tmp_path
         assert image.status_code == 200 and image.content[:8] == b"\x89PNG\r\n\x1a\n"
         output = (tmp_path / "serve.log").read_text()
         assert f"serving at {url}" in output and f"{url}/docs" in output
+        # Ctrl-C with a job in flight: the worker finishes it, with Redis still up, then everything stops.
+        second = httpx.post(f"{url}/v1/generate?encoder=t5-base", json={"prompt": "a fox", "steps": 100},
+                            timeout=10).json()
+        wait_for(lambda: httpx.get(f"{url}/v1/jobs/{second['id']}").json()["status"] != "queued", 30,
+                 "the second job to start", interval_s=0.02)
+        os.killpg(serve.pid, signal.SIGINT)
+        assert serve.wait(120) == 0
     finally:
-        serve.send_signal(signal.SIGTERM)
-        assert serve.wait(60) == 0
+        if serve.poll() is None:
+            serve.send_signal(signal.SIGTERM)
+            serve.wait(60)
+    output = (tmp_path / "serve.log").read_text()
+    assert "stopped after 2 jobs" in output, output
+    assert "unreachable" not in output and "heartbeat failed" not in output, output
+    assert "start answers lost" not in output, output  # the job scripts were loaded before the first job
     for pid in spawned:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
 

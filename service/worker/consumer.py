@@ -50,12 +50,16 @@ class Consumer:
         self._listener = None
 
     def ensure_groups(self) -> None:
+        """The consumer group on every stream, and the job scripts loaded into the server, so that the first job's
+        start script, sent unanswered, does not meet NOSCRIPT on a fresh server."""
         for stream in self.streams:
             try:
                 self.client.xgroup_create(stream, queue.GROUP, id="0", mkstream=True)
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+        for script in (self._start, self._finish):
+            script.sha = self.client.script_load(script.script)
 
     def upload(self, upload_id: str) -> bytes | None:
         """An uploaded control image's bytes; None once it has expired."""

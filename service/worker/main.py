@@ -134,7 +134,7 @@ class Worker:
         # 5. Leave cleanly: no heartbeat left behind.
         self._with_retry(self.consumer.leave, attempts=3)
         self.health.stop()
-        log.info("worker %s stopped after %d jobs", self.worker_id, self.jobs_done)
+        print(f"worker {self.worker_id} stopped after {self.jobs_done} jobs", flush=True)
         return 0
 
     # -- jobs ----------------------------------------------------------------------------------------------------
