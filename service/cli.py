@@ -526,7 +526,11 @@ def cmd_world_paper(args: argparse.Namespace) -> None:
     torch_setup(args)
     from trainer.world.paper import install_students, results_table, run_paper
 
-    report = run_paper(args.kit, args.output, max_steps=args.max_steps, prompts=args.prompts)
+    for key in ("max_steps", "prompts", "seeds", "distill_seeds"):
+        if getattr(args, key) < 1:
+            raise ValidationError(f"`--{key.replace('_', '-')}`={getattr(args, key)} must be at least 1", field=key)
+    report = run_paper(args.kit, args.output, max_steps=args.max_steps, prompts=args.prompts, seeds=args.seeds,
+                       distill_seeds=args.distill_seeds)
     print(results_table(report))
     if args.install:
         install_students(args.output, args.kit)
@@ -713,7 +717,12 @@ def build_parser() -> argparse.ArgumentParser:
     wpp.add_argument("--kit", required=True, help="a kit from `t2i world train`")
     wpp.add_argument("-o", "--output", required=True)
     wpp.add_argument("--max-steps", type=int, default=2000)
-    wpp.add_argument("--prompts", type=int, default=200, help="held-out prompts per encoder")
+    wpp.add_argument("--prompts", type=int, default=200,
+                     help="held-out prompts per encoder, a quarter of each kind (default 200)")
+    wpp.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default 2)")
+    wpp.add_argument("--distill-seeds", type=int, default=2,
+                     help="distillation seeds per student, to show how much a run varies (default 2); "
+                          "--install takes seed 0's")
     wpp.add_argument("--install", action="store_true", help="put the distilled students into the kit")
     wpp.set_defaults(func=cmd_world_paper)
     wcn = world.add_parser("controlnet", parents=[common], help="train the kit's canny ControlNet and register it")

@@ -191,3 +191,24 @@ def test_world_eval_of_given_prompts_uses_the_request_seeds(tmp_path, capsys, ge
 
     assert main(["world", "eval", "--models-file", str(MINIATURE_KIT), "--prompt", "a photo of a fox"]) == 2
     assert "`--prompt` 'a photo of a fox' is outside the miniature world's grammar" in capsys.readouterr().err
+
+
+def test_the_paper_distils_each_student_once_per_seed_and_reads_each_prompt_on_each_seed(tmp_path):
+    """`t2i world paper`: every run once per distillation seed (different students from the same start), every
+    encoder read on the same prompts with `seeds` seeds each, a row per encoder in the table."""
+    from safetensors.torch import load_file
+
+    from trainer.world.paper import run_paper
+
+    out = tmp_path / "paper"
+    report = run_paper(MINIATURE_KIT.parent, out, max_steps=2, prompts=4, seeds=2, distill_seeds=2,
+                       runs=(("t5-small", "step-following"),), show_progress=False)
+    assert list(report) == ["t5-xxl", "t5-small-distilled", "t5-small-distilled-seed1", "t5-large", "t5-base",
+                            "t5-small"]
+    for name, r in report.items():
+        assert r["seeds"] == 2 and r["n"]["semantics"] == 6 and r["n"]["text_rendering"] == 2, name
+    assert [report[n].get("distill_seed") for n in report] == [None, 0, 1, None, None, None]
+    first, second = (load_file(out / "students" / n / "model.safetensors")
+                     for n in ("t5-small-distilled", "t5-small-distilled-seed1"))
+    assert first.keys() == second.keys() and any(not first[k].equal(second[k]) for k in first)
+    assert "| t5-small-distilled-seed1 |" in (out / "results.md").read_text()
