@@ -522,6 +522,27 @@ def cmd_world_control_eval(args: argparse.Namespace) -> None:
         Path(args.out).write_text(_json.dumps(report, indent=2) + "\n")
 
 
+def cmd_world_outliers(args: argparse.Namespace) -> None:
+    kit, out = Path(args.kit), Path(args.output)
+    config = kit / "encoders" / "t5-xxl" / "config.json"
+    if not config.is_file():
+        raise ValidationError(f"`--kit` {kit}: no encoders/t5-xxl (a kit from `t2i world train` has one)", field="kit")
+    if out.exists():
+        raise ValidationError(f"`--output` {out} exists: give a new directory", field="output")
+    width = json.loads(config.read_text())["d_model"]
+    if not 1 <= args.channels < width:
+        raise ValidationError(f"`--channels`={args.channels} must be at least 1 and below the teacher's width {width}",
+                              field="channels")
+    if not args.scale > 0:
+        raise ValidationError(f"`--scale`={args.scale} must be above 0", field="scale")
+    torch_setup(args)
+    from trainer.world.outliers import make_outlier_kit
+
+    made = make_outlier_kit(kit, out, channels=args.channels, scale=args.scale, seed=args.seed)
+    print(f"wrote {out}: teacher channels {made['channels']} of {made['width']} scaled by {made['scale']:g}, "
+          "the denoiser's context embedder (and any ControlNet's) scaled back")
+
+
 def cmd_world_paper(args: argparse.Namespace) -> None:
     torch_setup(args)
     from trainer.world.paper import install_students, results_table, run_paper
@@ -529,8 +550,16 @@ def cmd_world_paper(args: argparse.Namespace) -> None:
     for key in ("max_steps", "prompts", "seeds", "distill_seeds"):
         if getattr(args, key) < 1:
             raise ValidationError(f"`--{key.replace('_', '-')}`={getattr(args, key)} must be at least 1", field=key)
+    from trainer.world.paper import RUNS
+
+    runs = tuple(r for r in RUNS if not args.student or r[0] in args.student)
+    if not runs:
+        raise ValidationError(f"`--student` {args.student}: the runs are of {sorted({r[0] for r in RUNS})}",
+                              field="student")
+    if args.install and runs != RUNS:
+        raise ValidationError("`--install` replaces every student of the kit: drop `--student`", field="install")
     report = run_paper(args.kit, args.output, max_steps=args.max_steps, prompts=args.prompts, seeds=args.seeds,
-                       distill_seeds=args.distill_seeds)
+                       distill_seeds=args.distill_seeds, runs=runs)
     print(results_table(report))
     if args.install:
         install_students(args.output, args.kit)
@@ -723,8 +752,20 @@ def build_parser() -> argparse.ArgumentParser:
     wpp.add_argument("--distill-seeds", type=int, default=2,
                      help="distillation seeds per student, to show how much a run varies (default 2); "
                           "--install takes seed 0's")
+    wpp.add_argument("--student", action="append",
+                     help="only the runs of this student size (repeat; e.g. t5-base: step-following and "
+                          "embedding-MSE); default: every run")
     wpp.add_argument("--install", action="store_true", help="put the distilled students into the kit")
     wpp.set_defaults(func=cmd_world_paper)
+    wol = world.add_parser("outliers", parents=[common],
+                           help="a copy of a kit whose teacher's embeddings have a few channels of very large "
+                                "magnitude (as real T5 v1.1's), drawing the same images")
+    wol.add_argument("--kit", required=True, help="a kit from `t2i world train`")
+    wol.add_argument("-o", "--output", required=True, help="the new kit's directory (must not exist)")
+    wol.add_argument("--channels", type=int, default=4, help="how many channels (default 4)")
+    wol.add_argument("--scale", type=float, default=100.0, help="their magnitude, times the rest's (default 100)")
+    wol.add_argument("--seed", type=int, default=0, help="which channels")
+    wol.set_defaults(func=cmd_world_outliers)
     wcn = world.add_parser("controlnet", parents=[common], help="train the kit's canny ControlNet and register it")
     wcn.add_argument("--kit", required=True, help="a kit from `t2i world train`")
     wcn.add_argument("--minutes", type=float, default=12.0, help="time budget (default 12)")

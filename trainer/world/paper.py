@@ -2,7 +2,9 @@
 
 Distils students at about 1/4, 1/16 and 1/64 of the teacher encoder's parameters with the project's own trainer
 (step-following vision distillation, preset `miniature`), plus the plain embedding-MSE baseline at the base size, each
-with `distill_seeds` distillation seeds (data order, noise and dropout; the same initial weights); then reads every
+with `distill_seeds` distillation seeds (data order, noise and dropout; the same initial weights: the students' random
+start as `t2i world train` made it, whatever students the kit holds now, so that a kit with installed students can be
+studied again); then reads every
 encoder's images with the exact evaluator, each prompt with `seeds` seeds. Writes OUT/results.json, OUT/results.md and
 OUT/accuracy.png, and the distilled students as Hugging Face dirs under OUT/students/ (`t5-base-distilled` is
 distillation seed 0, `t5-base-distilled-seed1` seed 1, and so on; `--install` takes seed 0's, chosen before any result).
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from service.models.demo import build_t5_tokenizer
 from service.models.generation import Generator
 from service.models.registry import Registry, with_absolute_sources
 from service.models.sizes import encoder_row
@@ -24,6 +27,7 @@ from trainer.distill import train
 from trainer.export import export
 from trainer.world.accuracy import encoder_accuracy, held_out_prompts, markdown_table, plot_accuracy
 from trainer.world.prompts import write_prompts
+from trainer.world.train import write_untrained_students
 
 RUNS = (("t5-large", "step-following"), ("t5-base", "step-following"), ("t5-small", "step-following"),
         ("t5-base", "embedding-mse"))
@@ -42,15 +46,17 @@ def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 2000, pr
     data = out / "world-data"
     write_prompts(data)
 
-    # 1. Distil each student (and the embedding-MSE baseline) once per distillation seed, then export it. A run
-    #    interrupted resumes from its checkpoints when the same command runs again.
+    # 1. The untrained students, then each student (and the embedding-MSE baseline) distilled from its untrained start
+    #    once per distillation seed, and exported. A run interrupted resumes from its checkpoints when the same
+    #    command runs again.
+    untrained = write_untrained_students(out / "untrained", build_t5_tokenizer())
     students: dict[str, Path] = {}
     made_by: dict[str, dict] = {}
     for distill_seed in range(distill_seeds):
         for role, mode in runs:
             name = run_name(role, mode, distill_seed)
             config: DistillConfig = load_config(DistillConfig, "miniature", [
-                f"--models_file={models}", f"--student={role}", f"--data={data}", f"--mode={mode}",
+                f"--models_file={models}", f"--student={untrained[role]}", f"--data={data}", f"--mode={mode}",
                 f"--output_dir={out / 'runs' / name}", f"--max_steps={max_steps}", f"--seed={distill_seed}",
             ])
             train(config, show_progress=show_progress)
@@ -59,8 +65,7 @@ def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 2000, pr
 
     # 2. One registry with the teacher, the untrained students and the distilled ones.
     raw = with_absolute_sources(yaml.safe_load(models.read_text()), kit)
-    untrained = [n for n, e in raw["encoders"].items() if e["kind"] == "student"]
-    for name, path in students.items():
+    for name, path in {**untrained, **students}.items():
         raw["encoders"][name] = {"kind": "student", "source": str(path), "max_sequence_length": 16}
     (out / "models.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     registry = Registry.from_file(out / "models.yaml")

@@ -273,6 +273,17 @@ def models_file() -> dict:
     }
 
 
+def write_untrained_students(directory: Path, tokenizer, seed: int = 0) -> dict[str, Path]:
+    """The students at their random start, as a kit trained from `seed` has them, one HF dir per role."""
+    paths = {}
+    for index, size in enumerate(STUDENTS, start=1):
+        paths[size.role] = directory / size.role
+        build_student(size, tokenizer, seed=seed + 10 + index, project_out_dim=TEACHER.d_model).save_pretrained(
+            paths[size.role])
+        tokenizer.save_pretrained(paths[size.role])
+    return paths
+
+
 def train_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), *, seed: int = 0) -> Path:
     out = Path(out_dir)
     work = out / "work"
@@ -305,10 +316,7 @@ def train_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), *, see
                  tokenizer_2=None, transformer=transformer).save_pretrained(out / "pipelines" / "flux")
     teacher.save_pretrained(out / "encoders" / TEACHER.role)
     t5_tokenizer.save_pretrained(out / "encoders" / TEACHER.role)
-    for index, size in enumerate(STUDENTS, start=1):
-        build_student(size, t5_tokenizer, seed=seed + 10 + index, project_out_dim=TEACHER.d_model).save_pretrained(
-            out / "encoders" / size.role)
-        t5_tokenizer.save_pretrained(out / "encoders" / size.role)
+    write_untrained_students(out / "encoders", t5_tokenizer, seed)
     (out / "models.yaml").write_text("# The miniature world's model kit (`t2i world train`). Paths are relative.\n"
                                      + yaml.safe_dump(models_file(), sort_keys=False))
     return out

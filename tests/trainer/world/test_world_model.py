@@ -194,8 +194,9 @@ def test_world_eval_of_given_prompts_uses_the_request_seeds(tmp_path, capsys, ge
 
 
 def test_the_paper_distils_each_student_once_per_seed_and_reads_each_prompt_on_each_seed(tmp_path):
-    """`t2i world paper`: every run once per distillation seed (different students from the same start), every
-    encoder read on the same prompts with `seeds` seeds each, a row per encoder in the table."""
+    """`t2i world paper` on the shipped kit (whose students are installed ones): every run once per distillation seed
+    (different students from the same untrained start), every encoder read on the same prompts with `seeds` seeds each,
+    a row per encoder in the table."""
     from safetensors.torch import load_file
 
     from trainer.world.paper import run_paper
@@ -212,3 +213,46 @@ def test_the_paper_distils_each_student_once_per_seed_and_reads_each_prompt_on_e
                      for n in ("t5-small-distilled", "t5-small-distilled-seed1"))
     assert first.keys() == second.keys() and any(not first[k].equal(second[k]) for k in first)
     assert "| t5-small-distilled-seed1 |" in (out / "results.md").read_text()
+    # The untrained rows (and the students' start) are the random students `t2i world train` makes, not the kit's
+    # installed ones.
+    import yaml
+
+    sources = {n: e["source"] for n, e in yaml.safe_load((out / "models.yaml").read_text())["encoders"].items()}
+    assert {sources[n] for n in ("t5-large", "t5-base", "t5-small")} == {
+        str(out / "untrained" / n) for n in ("t5-large", "t5-base", "t5-small")}
+
+
+def test_an_outlier_kit_draws_the_same_images_from_embeddings_with_a_few_huge_channels(tmp_path, generator, capsys):
+    """`t2i world outliers`: the teacher's embeddings get a few channels 50x larger (as real T5 v1.1's have), every
+    consumer of them is scaled back, so the teacher draws the same images; a second run into the same directory is
+    refused, naming the flag."""
+    import numpy as np
+    import torch
+    from diffusers import FluxControlNetModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from service.cli import main
+
+    kit, out = MINIATURE_KIT.parent, tmp_path / "outliers"
+    assert main(["world", "outliers", "--kit", str(kit), "-o", str(out), "--channels", "3", "--scale", "50"]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(kit / "encoders" / "t5-xxl")
+    ids = tokenizer(["two green triangles", "a sign reading 'cat'"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before, after = (T5EncoderModel.from_pretrained(k / "encoders" / "t5-xxl")(**ids).last_hidden_state
+                         for k in (kit, out))
+    changed = [c for c in range(before.shape[-1]) if not torch.allclose(before[..., c], after[..., c])]
+    assert len(changed) == 3
+    assert torch.allclose(after[..., changed], 50 * before[..., changed], rtol=1e-4, atol=1e-5)
+    assert after[..., changed].abs().mean() > 10 * after.abs().mean()
+    old, new = (FluxControlNetModel.from_pretrained(k / "controlnets" / "flux-canny").context_embedder.weight
+                for k in (kit, out))
+    assert torch.allclose(new[:, changed] * 50, old[:, changed], rtol=1e-4, atol=1e-6)
+
+    other = Generator(Registry.from_file(out / "models.yaml"))
+    for prompt, seed in (("two green triangles", 0), ("a red circle above a blue square", 3)):
+        a, b = (np.asarray(g.generate(GenerationRequest(prompt=prompt, pipeline="flux", encoder="t5-xxl", seed=seed,
+                                                        steps=8)).images[0], dtype=int) for g in (generator, other))
+        assert np.abs(a - b).max() <= 2, prompt
+
+    assert main(["world", "outliers", "--kit", str(kit), "-o", str(out)]) == 2
+    assert "`--output`" in capsys.readouterr().err
