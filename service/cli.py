@@ -415,6 +415,8 @@ def cmd_world_eval(args: argparse.Namespace) -> None:
             raise ValidationError(f"`--prompt` {text!r} is outside the miniature world's grammar, so the evaluator "
                                   "cannot judge it (e.g. 'two green triangles', 'a red circle above a blue square', "
                                   "\"a sign reading 'cat'\")", field="prompt")
+    if not 1 <= args.batch <= 64:
+        raise ValidationError(f"`--batch`={args.batch} is out of range [1, 64]", field="batch")
     if args.prompt and (args.novel or args.validation):
         raise ValidationError("`--prompt` evaluates the prompts given: drop `--novel` / `--validation`",
                               field="prompt")
@@ -442,7 +444,8 @@ def cmd_world_eval(args: argparse.Namespace) -> None:
     for name in args.encoder or list(registry.encoders):
         route = registry.route(name)
         report[name] = encoder_accuracy(generator, args.pipeline, name, prompts, steps=args.steps, seeds=args.seeds,
-                                        details=args.details or bool(args.prompt), same_seeds=bool(args.prompt))
+                                        details=args.details or bool(args.prompt), same_seeds=bool(args.prompt),
+                                        batch=args.batch)
         if args.prompt:  # seeds 0..N-1 of each prompt, as requests with those seeds get them
             report[name]["per_prompt"] = per_prompt(report[name]["images"])
             if not args.details:
@@ -547,7 +550,7 @@ def cmd_world_paper(args: argparse.Namespace) -> None:
     torch_setup(args)
     from trainer.world.paper import install_students, results_table, run_paper
 
-    for key in ("max_steps", "prompts", "seeds", "distill_seeds"):
+    for key in ("max_steps", "prompts", "seeds", "distill_seeds", "batch"):
         if getattr(args, key) < 1:
             raise ValidationError(f"`--{key.replace('_', '-')}`={getattr(args, key)} must be at least 1", field=key)
     from trainer.world.paper import RUNS
@@ -559,7 +562,7 @@ def cmd_world_paper(args: argparse.Namespace) -> None:
     if args.install and runs != RUNS:
         raise ValidationError("`--install` replaces every student of the kit: drop `--student`", field="install")
     report = run_paper(args.kit, args.output, max_steps=args.max_steps, prompts=args.prompts, seeds=args.seeds,
-                       distill_seeds=args.distill_seeds, runs=runs)
+                       distill_seeds=args.distill_seeds, runs=runs, batch=args.batch)
     print(results_table(report))
     if args.install:
         install_students(args.output, args.kit)
@@ -723,6 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "attribute came out right")
     we.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
     we.add_argument("--seeds", type=int, default=1, help="seeds per prompt (default 1)")
+    we.add_argument("--batch", type=int, default=1,
+                    help="images per denoising call (default 1: reproduces figures exactly); 16 is about 3x faster on "
+                         "a CPU, each image equal to its unbatched one up to rounding")
     we.add_argument("--novel", action="store_true",
                     help="only combinations training never saw (colour x shape x position, word x template)")
     we.add_argument("--validation", action="store_true",
@@ -749,6 +755,9 @@ def build_parser() -> argparse.ArgumentParser:
     wpp.add_argument("--prompts", type=int, default=200,
                      help="held-out prompts per encoder, a quarter of each kind (default 200)")
     wpp.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default 2)")
+    wpp.add_argument("--batch", type=int, default=1,
+                     help="images per denoising call when reading them (default 1; 16 is about 3x faster on a CPU, "
+                          "each image equal to its unbatched one up to rounding)")
     wpp.add_argument("--distill-seeds", type=int, default=2,
                      help="distillation seeds per student, to show how much a run varies (default 2); "
                           "--install takes seed 0's")

@@ -78,7 +78,7 @@ def per_prompt(images: list[dict]) -> dict:
 
 def encoder_accuracy(generator: Generator, pipeline: str, encoder: str, prompts: list[str], seed: int = 0,
                      steps: int | None = None, seeds: int = 1, details: bool = False,
-                     same_seeds: bool = False) -> dict:
+                     same_seeds: bool = False, batch: int = 1) -> dict:
     """Per attribute and per criterion accuracy of one encoder (or route: each prompt on the encoder the route picks)
     over the prompts, each drawn with `seeds` seeds, with 95% Wilson intervals (`intervals`), the number of images
     behind each figure (`n`), the jobs per encoder that ran (`routed`) and the mean T5 encode time per job
@@ -86,24 +86,34 @@ def encoder_accuracy(generator: Generator, pipeline: str, encoder: str, prompts:
     the attributes it got wrong and what the evaluator found in it, to see how an encoder fails, not only how often.
 
     Prompt i's seed s is `seed + s * SEED_STRIDE + i` (no two images share their noise), or, with `same_seeds`,
-    `seed + s` for every prompt: the images a user gets by sending those prompts with those seeds."""
+    `seed + s` for every prompt: the images a user gets by sending those prompts with those seeds. `batch` > 1 draws
+    up to that many images in one denoising call, as the service's batching does (about 3x faster on a CPU); each
+    image equals its unbatched one up to the rounding of batched kernels, so a borderline verdict can differ from a
+    `batch` 1 run, which reproduces figures exactly."""
     route = generator.registry.routes.get(encoder)
     ran_on = [decide(route, p).encoder if route is not None else encoder for p in prompts]
     for name in dict.fromkeys(ran_on):
         generator.load(pipeline, name)
+    jobs = [(s, i, seed + s if same_seeds else seed + s * SEED_STRIDE + i) for s in range(seeds)
+            for i in range(len(prompts))]
     by_attribute, by_criterion, encode_s, images = [], defaultdict(list), [], []
-    for s in range(seeds):
-        for i, prompt in enumerate(prompts):
-            truth = parse(prompt)
-            noise = seed + s if same_seeds else seed + s * SEED_STRIDE + i
-            result = generator.generate(GenerationRequest(prompt=prompt, pipeline=pipeline, encoder=ran_on[i],
-                                                          seed=noise, steps=steps))
-            encode_s.append(result.timings["encode"])
-            image = np.asarray(result.images[0].convert("RGB"))
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start:start + batch]
+        drawn_images = {}
+        for name in dict.fromkeys(ran_on[i] for _, i, _ in chunk):  # one denoising call per encoder in the chunk
+            group = [(s, i, noise) for s, i, noise in chunk if ran_on[i] == name]
+            results = generator.generate_batch([GenerationRequest(prompt=prompts[i], pipeline=pipeline, encoder=name,
+                                                                  seed=noise, steps=steps) for _, i, noise in group])
+            for job, result in zip(group, results):
+                encode_s.append(result.timings["encode"] / len(group))
+                drawn_images[job] = np.asarray(result.images[0].convert("RGB"))
+        for job in chunk:
+            _, i, noise = job
+            truth, image = parse(prompts[i]), drawn_images[job]
             result = score(image, truth)
             by_attribute.append(result)
             if details:
-                images.append({"prompt": prompt, "seed": noise, "encoder": ran_on[i],
+                images.append({"prompt": prompts[i], "seed": noise, "encoder": ran_on[i],
                                "wrong": sorted(k for k, v in result.items() if not v), "found": drawn(image)})
             by_criterion[criterion_of(truth["kind"])].append(all(result.values()))
     counts = {c: (int(sum(v)), len(v)) for c, v in sorted(by_criterion.items())}

@@ -39,7 +39,8 @@ def run_name(role: str, mode: str, distill_seed: int) -> str:
 
 
 def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 2000, prompts: int = 200, seeds: int = 2,
-              distill_seeds: int = 2, runs: tuple[tuple[str, str], ...] = RUNS, show_progress: bool = True) -> dict:
+              distill_seeds: int = 2, runs: tuple[tuple[str, str], ...] = RUNS, batch: int = 1,
+              show_progress: bool = True) -> dict:
     kit, out = Path(kit).resolve(), Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     models = kit / "models.yaml"
@@ -76,7 +77,7 @@ def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 2000, pr
     order = [registry.teacher.name, *students, *untrained]
     report = {}
     for name in order:
-        report[name] = encoder_accuracy(generator, "flux", name, held_out, seeds=seeds)
+        report[name] = encoder_accuracy(generator, "flux", name, held_out, seeds=seeds, batch=batch)
         report[name]["params"] = encoder_row(registry.encoder(name)).params
         report[name].update(made_by.get(name, {}))
         if show_progress:

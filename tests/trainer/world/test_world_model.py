@@ -256,3 +256,20 @@ def test_an_outlier_kit_draws_the_same_images_from_embeddings_with_a_few_huge_ch
 
     assert main(["world", "outliers", "--kit", str(kit), "-o", str(out)]) == 2
     assert "`--output`" in capsys.readouterr().err
+
+
+def test_batched_reading_draws_the_same_images_faster_in_one_call_per_encoder(generator):
+    """`batch` draws several images per denoising call (a route's chunk split by encoder): the same jobs in the same
+    order, and the same images up to the rounding of batched kernels, so the evaluator finds the same objects."""
+    from trainer.world.captions import held_out_prompts
+
+    prompts = held_out_prompts(6)
+    one, five = (encoder_accuracy(generator, "flux", "auto", prompts, seeds=2, steps=4, details=True, batch=b)
+                 for b in (1, 5))
+    assert one["routed"] == five["routed"] and len(one["images"]) == len(five["images"]) == 12
+    assert [(r["prompt"], r["seed"], r["encoder"]) for r in one["images"]] == \
+        [(r["prompt"], r["seed"], r["encoder"]) for r in five["images"]]
+    differ = [(a, b) for a, b in zip(one["images"], five["images"])
+              if [f[:2] for f in a["found"]] != [f[:2] for f in b["found"]]
+              or any(abs(x[2] - y[2]) > 3 for x, y in zip(a["found"], b["found"]))]
+    assert len(differ) <= 1, differ
