@@ -85,7 +85,8 @@ def train_controlnet(kit: str | Path, *, minutes: float, seed: int = 0, batch_si
     controlnet.train()
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=lr, weight_decay=0.0)
     pooled = torch.zeros(batch_size, config.pooled_projection_dim)
-    img_ids = FluxPipeline._prepare_latent_image_ids(1, SIZE // 8, SIZE // 8, "cpu", torch.float32)
+    grid = SIZE // (pipe.vae_scale_factor * 2)  # latent pixels per side, packed 2x2 into tokens: the kit's own
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, grid, grid, "cpu", torch.float32)
     txt_ids = torch.zeros(max_tokens, 3)
 
     # 3. Rectified flow with the denoiser frozen; only the ControlNet learns.
