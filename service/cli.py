@@ -547,13 +547,11 @@ def cmd_world_outliers(args: argparse.Namespace) -> None:
 
 
 def cmd_world_paper(args: argparse.Namespace) -> None:
-    torch_setup(args)
-    from trainer.world.paper import install_students, results_table, run_paper
-
     for key in ("max_steps", "prompts", "seeds", "distill_seeds", "batch"):
         if getattr(args, key) < 1:
             raise ValidationError(f"`--{key.replace('_', '-')}`={getattr(args, key)} must be at least 1", field=key)
-    from trainer.world.paper import RUNS
+    torch_setup(args)
+    from trainer.world.paper import RUNS, install_students, results_table, run_paper
 
     runs = tuple(r for r in RUNS if not args.student or r[0] in args.student)
     if not runs:

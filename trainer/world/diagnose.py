@@ -155,13 +155,10 @@ def embeddings(encoder: T5EncoderModel, tokenizer, captions: list[str], max_toke
 def text_probe(encoder: T5EncoderModel, tokenizer, *, max_tokens: int, train: int = 8000, test: int = 2000,
                steps: int = 1500, seed: int = 0) -> dict:
     """The probe's held-out rates on relation captions, from the encoder's output and from its input embeddings."""
-    def embed(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return embeddings(encoder, tokenizer, captions, max_tokens)
-
     train_captions, train_labels = _relation_captions(PROBE_TRAIN_SEED, train)
     test_captions, test_labels = _relation_captions(EVAL_SEED, test)
-    (ctx_train, words_train, mask_train), (ctx_test, words_test, mask_test) = embed(train_captions), embed(
-        test_captions)
+    ctx_train, words_train, mask_train = embeddings(encoder, tokenizer, train_captions, max_tokens)
+    ctx_test, words_test, mask_test = embeddings(encoder, tokenizer, test_captions, max_tokens)
     return {
         "encoder_output": _fit_probe((ctx_train, mask_train, train_labels), (ctx_test, mask_test, test_labels),
                                      steps, seed),

@@ -4,10 +4,10 @@ Distils students at about 1/4, 1/16 and 1/64 of the teacher encoder's parameters
 (step-following vision distillation, preset `miniature`), plus the plain embedding-MSE baseline at the base size, each
 with `distill_seeds` distillation seeds (data order, noise and dropout; the same initial weights: the students' random
 start as `t2i world train` made it, whatever students the kit holds now, so that a kit with installed students can be
-studied again); then reads every
-encoder's images with the exact evaluator, each prompt with `seeds` seeds. Writes OUT/results.json, OUT/results.md and
-OUT/accuracy.png, and the distilled students as Hugging Face dirs under OUT/students/ (`t5-base-distilled` is
-distillation seed 0, `t5-base-distilled-seed1` seed 1, and so on; `--install` takes seed 0's, chosen before any result).
+studied again); then reads every encoder's images with the exact evaluator, each prompt with `seeds` seeds. Writes
+OUT/results.json, OUT/results.md and OUT/accuracy.png, and the distilled students as Hugging Face dirs under
+OUT/students/ (`t5-base-distilled` is distillation seed 0, `t5-base-distilled-seed1` seed 1, and so on; `--install`
+takes seed 0's, chosen before any result).
 """
 
 from __future__ import annotations
