@@ -560,7 +560,7 @@ def cmd_world_paper(args: argparse.Namespace) -> None:
     if args.install and runs != RUNS:
         raise ValidationError("`--install` replaces every student of the kit: drop `--student`", field="install")
     report = run_paper(args.kit, args.output, max_steps=args.max_steps, prompts=args.prompts, seeds=args.seeds,
-                       distill_seeds=args.distill_seeds, runs=runs, batch=args.batch)
+                       distill_seeds=args.distill_seeds, runs=runs, batch=args.batch, student_init=args.student_init)
     print(results_table(report))
     if args.install:
         install_students(args.output, args.kit)
@@ -697,14 +697,14 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--layers", type=int, help="denoiser double-stream blocks (default 2)")
     wt.add_argument("--single-layers", type=int, help="denoiser single-stream blocks (default 4)")
     wt.add_argument("--timestep-mean", type=float,
-                    help="location of the logit-normal training timesteps (default 0; above 0 trains more at high "
-                         "noise, where layout and counts are decided)")
+                    help="location of the logit-normal training timesteps (default 1.0; 0 centres them as FLUX "
+                         "trains; above 0 trains more at high noise, where layout and counts are decided)")
     wt.add_argument("--mix", help="the denoiser's caption mix as kind=weight pairs, e.g. "
-                                  "count=0.4,relation=0.4,single=0.1,text=0.1 (default single=0.3,count=0.3,"
-                                  "relation=0.28,text=0.12); a kind left out is not drawn")
+                                  "count=0.4,relation=0.4,single=0.1,text=0.1 (default single=0.15,count=0.45,"
+                                  "relation=0.25,text=0.15); a kind left out is not drawn")
     wt.add_argument("--teacher", choices=("random", "local"),
-                    help="the frozen teacher T5's attention: random as initialised (default), or local (heads biased "
-                         "to the previous, next and same word, so that each output carries its neighbours)")
+                    help="the frozen teacher T5's attention: local (default: heads biased to the previous, next and "
+                         "same word, so that each output carries its neighbours) or random as initialised")
     wt.add_argument("--seed", type=int, default=0)
     wt.set_defaults(func=cmd_world_train)
     wp = world.add_parser("prompts", help="write the world's prompt set in the trainer's dataset format")
@@ -762,6 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
     wpp.add_argument("--student", action="append",
                      help="only the runs of this student size (repeat; e.g. t5-base: step-following and "
                           "embedding-MSE); default: every run")
+    wpp.add_argument("--student-init", choices=("local", "random"), default="local",
+                     help="the students' start: random weights with the teacher's local attention prior (default, as "
+                          "pretrained T5s attend to neighbouring words), or random weights alone")
     wpp.add_argument("--install", action="store_true", help="put the distilled students into the kit")
     wpp.set_defaults(func=cmd_world_paper)
     wol = world.add_parser("outliers", parents=[common],

@@ -2,9 +2,10 @@
 
 Distils students at about 1/4, 1/16 and 1/64 of the teacher encoder's parameters with the project's own trainer
 (step-following vision distillation, preset `miniature`), plus the plain embedding-MSE baseline at the base size, each
-with `distill_seeds` distillation seeds (data order, noise and dropout; the same initial weights: the students' random
-start as `t2i world train` made it, whatever students the kit holds now, so that a kit with installed students can be
-studied again); then reads every encoder's images with the exact evaluator, each prompt with `seeds` seeds. Writes
+with `distill_seeds` distillation seeds (data order, noise and dropout; the same initial weights: the students'
+untrained start as `t2i world train` makes it, random weights with the local attention prior, or without it with
+`student_init="random"`, whatever students the kit holds now, so that a kit with installed students can be studied
+again); then reads every encoder's images with the exact evaluator, each prompt with `seeds` seeds. Writes
 OUT/results.json, OUT/results.md and OUT/accuracy.png, and the distilled students as Hugging Face dirs under
 OUT/students/ (`t5-base-distilled` is distillation seed 0, `t5-base-distilled-seed1` seed 1, and so on; `--install`
 takes seed 0's, chosen before any result).
@@ -40,7 +41,7 @@ def run_name(role: str, mode: str, distill_seed: int) -> str:
 
 def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 2000, prompts: int = 200, seeds: int = 2,
               distill_seeds: int = 2, runs: tuple[tuple[str, str], ...] = RUNS, batch: int = 1,
-              show_progress: bool = True) -> dict:
+              student_init: str = "local", show_progress: bool = True) -> dict:
     kit, out = Path(kit).resolve(), Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     models = kit / "models.yaml"
@@ -50,7 +51,7 @@ def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 2000, pr
     # 1. The untrained students, then each student (and the embedding-MSE baseline) distilled from its untrained start
     #    once per distillation seed, and exported. A run interrupted resumes from its checkpoints when the same
     #    command runs again.
-    untrained = write_untrained_students(out / "untrained", build_t5_tokenizer())
+    untrained = write_untrained_students(out / "untrained", build_t5_tokenizer(), init=student_init)
     students: dict[str, Path] = {}
     made_by: dict[str, dict] = {}
     for distill_seed in range(distill_seeds):
@@ -80,6 +81,8 @@ def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 2000, pr
         report[name] = encoder_accuracy(generator, "flux", name, held_out, seeds=seeds, batch=batch)
         report[name]["params"] = encoder_row(registry.encoder(name)).params
         report[name].update(made_by.get(name, {}))
+        if name != registry.teacher.name:
+            report[name]["student_init"] = student_init
         if show_progress:
             print(f"{name}: " + ", ".join(f"{c} {v:.0%}" for c, v in report[name]["criteria"].items()), flush=True)
     (out / "results.json").write_text(json.dumps(report, indent=2))

@@ -50,7 +50,11 @@ from trainer.world.scene import SIZE, render
 TEACHER = T5Size("t5-xxl", 256, 4, 4, 512)
 STUDENTS = (T5Size("t5-large", 128, 4, 4, 256), T5Size("t5-base", 64, 3, 4, 128), T5Size("t5-small", 32, 2, 2, 64))
 MAX_TOKENS = 16
-KIND_WEIGHTS = {"single": 0.3, "count": 0.3, "relation": 0.28, "text": 0.12}
+KIND_WEIGHTS = {"single": 0.3, "count": 0.3, "relation": 0.28, "text": 0.12}  # the VAE's caption mix
+# The shipped kit's recipe (docs/miniature.md): the denoiser's caption mix, where its training timesteps sit, its
+# teacher, and the guidance chosen for it on the validation prompts (best of 1.0, 1.5, 2 and 3).
+DENOISER_MIX = {"single": 0.15, "count": 0.45, "relation": 0.25, "text": 0.15}
+TRUE_CFG_SCALE = 1.5
 
 
 @dataclass(frozen=True)
@@ -72,13 +76,13 @@ class WorldConfig:
     checkpoint_every: int = 250
     # Location of the logit-normal training timesteps (0: centred on sigma 0.5, as FLUX and SD3 train). Above 0 trains
     # more at high noise, where an image's layout (how many objects, which where) is decided.
-    timestep_mean: float = 0.0
+    timestep_mean: float = 1.0
     # The denoiser's caption mix, (kind, weight) in the order of KINDS: how often each kind of scene is drawn. The VAE
-    # always trains on the default mix, so runs that differ only here share their VAE.
-    mix: tuple[tuple[str, float], ...] = tuple(KIND_WEIGHTS.items())
+    # always trains on KIND_WEIGHTS, so runs that differ only here share their VAE.
+    mix: tuple[tuple[str, float], ...] = tuple(DENOISER_MIX.items())
     # The frozen teacher's attention: "random" as initialised (its heads attend almost uniformly, so each output is
     # mostly its own word plus the caption's mean), or "local" (see `local_attention`).
-    teacher: str = "random"
+    teacher: str = "local"
 
     @property
     def latent_size(self) -> int:
@@ -128,14 +132,15 @@ LOCAL_BIAS = 10.0
 
 def local_attention(teacher: T5EncoderModel) -> T5EncoderModel:
     """Give the random teacher's first three attention heads a strong relative-position bias toward the previous
-    word, the next word and the word itself (the fourth stays as initialised). T5 computes that bias once and every
-    layer uses it, so each output then carries its neighbours: the shape word of "a red circle" carries "red", as a
-    trained T5's outputs bind neighbouring words (`binding` in `t2i world diagnose` reads it)."""
+    word, the next word and the word itself (the fourth stays as initialised; a two-head T5 gets the first two). T5
+    computes that bias once and every layer uses it, so each output then carries its neighbours: the shape word of
+    "a red circle" carries "red", as a trained T5's outputs bind neighbouring words (`binding` in `t2i world
+    diagnose` reads it)."""
     attention = teacher.encoder.block[0].layer[0].SelfAttention
     config = teacher.config
     with torch.no_grad():
         bias = attention.relative_attention_bias.weight  # [buckets, heads]
-        for head, offset in enumerate((-1, 1, 0)):
+        for head, offset in zip(range(config.num_heads), (-1, 1, 0)):
             bucket = attention._relative_position_bucket(torch.tensor(offset), bidirectional=True,
                                                          num_buckets=config.relative_attention_num_buckets,
                                                          max_distance=config.relative_attention_max_distance)
@@ -265,7 +270,8 @@ def models_file() -> dict:
     teacher = {"kind": "teacher", "source": f"./encoders/{TEACHER.role}", **common}
     return {
         "pipelines": {"flux": {"family": "flux", "source": "./pipelines/flux", "dtype": "auto", "device": "auto",
-                               "width": SIZE, "height": SIZE, "steps": 20, "guidance": 0.0, "true_cfg_scale": 3.0}},
+                               "width": SIZE, "height": SIZE, "steps": 20, "guidance": 0.0,
+                               "true_cfg_scale": TRUE_CFG_SCALE}},
         "encoders": {TEACHER.role: teacher,
                      **quantized_teacher_entries(TEACHER.role, teacher),
                      **{s.role: {"kind": "student", "source": f"./encoders/{s.role}", **common} for s in STUDENTS}},
@@ -273,13 +279,17 @@ def models_file() -> dict:
     }
 
 
-def write_untrained_students(directory: Path, tokenizer, seed: int = 0) -> dict[str, Path]:
-    """The students at their random start, as a kit trained from `seed` has them, one HF dir per role."""
+def write_untrained_students(directory: Path, tokenizer, seed: int = 0, init: str = "local") -> dict[str, Path]:
+    """The students at their untrained start, as a kit trained from `seed` has them, one HF dir per role: random
+    weights, and with `init="local"` the local attention prior of `local_attention` (as the paper's students start
+    from pretrained T5s, whose heads already attend to neighbouring words, not from random ones)."""
     paths = {}
     for index, size in enumerate(STUDENTS, start=1):
         paths[size.role] = directory / size.role
-        build_student(size, tokenizer, seed=seed + 10 + index, project_out_dim=TEACHER.d_model).save_pretrained(
-            paths[size.role])
+        student = build_student(size, tokenizer, seed=seed + 10 + index, project_out_dim=TEACHER.d_model)
+        if init == "local":
+            local_attention(student.encoder)
+        student.save_pretrained(paths[size.role])
         tokenizer.save_pretrained(paths[size.role])
     return paths
 
@@ -316,7 +326,7 @@ def train_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), *, see
                  tokenizer_2=None, transformer=transformer).save_pretrained(out / "pipelines" / "flux")
     teacher.save_pretrained(out / "encoders" / TEACHER.role)
     t5_tokenizer.save_pretrained(out / "encoders" / TEACHER.role)
-    write_untrained_students(out / "encoders", t5_tokenizer, seed)
+    write_untrained_students(out / "encoders", t5_tokenizer, seed, init=config.teacher)
     (out / "models.yaml").write_text("# The miniature world's model kit (`t2i world train`). Paths are relative.\n"
                                      + yaml.safe_dump(models_file(), sort_keys=False))
     return out

@@ -209,6 +209,7 @@ def test_the_paper_distils_each_student_once_per_seed_and_reads_each_prompt_on_e
     for name, r in report.items():
         assert r["seeds"] == 2 and r["n"]["semantics"] == 6 and r["n"]["text_rendering"] == 2, name
     assert [report[n].get("distill_seed") for n in report] == [None, 0, 1, None, None, None]
+    assert [report[n].get("student_init") for n in report] == [None, *["local"] * 5]
     first, second = (load_file(out / "students" / n / "model.safetensors")
                      for n in ("t5-small-distilled", "t5-small-distilled-seed1"))
     assert first.keys() == second.keys() and any(not first[k].equal(second[k]) for k in first)

@@ -9,6 +9,7 @@ import sys
 import time
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from trainer.world.captions import is_novel, novel_prompts, parse, training_scene
@@ -90,10 +91,12 @@ def test_the_timestep_location_is_recorded_and_a_resume_with_another_is_refused(
 
     shifted = _train(tmp_path / "run", "--timestep-mean", "0.8")
     assert shifted.returncode == 0, shifted.stderr[-2000:]
-    assert json.loads((tmp_path / "run/work/denoiser/state.json").read_text())["recipe"] == {
-        "timestep_mean": 0.8, "mix": {"single": 0.3, "count": 0.3, "relation": 0.28, "text": 0.12}, "teacher": "random"}
-    other = _train(tmp_path / "run")  # the default, 0
-    assert other.returncode == 2 and "timestep_mean=0.8" in other.stderr and "timestep_mean=0.0" in other.stderr, \
+    recipe = json.loads((tmp_path / "run/work/denoiser/state.json").read_text())["recipe"]
+    assert recipe == {"timestep_mean": 0.8, "mix": {"single": 0.15, "count": 0.45, "relation": 0.25, "text": 0.15},
+                      "teacher": "local"}  # the shipped kit's mix and teacher
+    assert yaml.safe_load((tmp_path / "run/models.yaml").read_text())["pipelines"]["flux"]["true_cfg_scale"] == 1.5
+    other = _train(tmp_path / "run")  # the default, 1.0
+    assert other.returncode == 2 and "timestep_mean=0.8" in other.stderr and "timestep_mean=1.0" in other.stderr, \
         other.stderr[-2000:]
     out_of_range = _train(tmp_path / "far", "--timestep-mean", "9")
     assert out_of_range.returncode == 2 and "within [-3, 3]" in out_of_range.stderr, out_of_range.stderr[-2000:]
@@ -119,7 +122,7 @@ def test_the_caption_mix_and_teacher_are_recorded_a_resume_with_another_is_refus
     bias = T5EncoderModel.from_pretrained(tmp_path / "run/encoders/t5-xxl").encoder.block[0].layer[0] \
         .SelfAttention.relative_attention_bias.weight
     assert bias[:, 0].argmax() == 1 and bias[1, 0] > 9
-    random_teacher = _train(tmp_path / "run", "--mix", "count=0.5,relation=0.5")
+    random_teacher = _train(tmp_path / "run", "--mix", "count=0.5,relation=0.5", "--teacher", "random")
     assert random_teacher.returncode == 2 and "teacher=local" in random_teacher.stderr, random_teacher.stderr[-2000:]
     default = _train(tmp_path / "run")
     assert default.returncode == 2 and "mix=" in default.stderr and "'relation': 0.5" in default.stderr, \
@@ -131,3 +134,22 @@ def test_the_caption_mix_and_teacher_are_recorded_a_resume_with_another_is_refus
         refused = _train(tmp_path / "bad", "--mix", bad)
         assert refused.returncode == 2 and says in refused.stderr, (bad, refused.stderr[-2000:])
     assert not (tmp_path / "bad" / "work").exists()  # refused before anything was written
+
+
+def test_untrained_students_start_with_the_local_attention_prior_or_without_it(tmp_path):
+    """The same random weights either way, but with `init="local"` the relative-position bias of the first heads
+    points at the previous and the next word (and the word itself where there is a third head)."""
+    from service.models.demo import build_t5_tokenizer
+    from service.models.student import T5EncoderWithProjection
+    from trainer.world.train import write_untrained_students
+
+    tokenizer = build_t5_tokenizer()
+    local = write_untrained_students(tmp_path / "local", tokenizer)
+    plain = write_untrained_students(tmp_path / "random", tokenizer, init="random")
+    for role in local:
+        a, b = (T5EncoderWithProjection.from_pretrained(d[role]).state_dict() for d in (local, plain))
+        key = "encoder.encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        assert [k for k in a if not a[k].equal(b[k])] == [key], role
+        heads = a[key].shape[1]
+        assert [a[key][:, h].argmax().item() for h in range(min(heads, 2))] == [1, 17], role  # previous, next
+        assert a[key].max() > 9 and b[key].abs().max() < 5, role
