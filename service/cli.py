@@ -557,10 +557,21 @@ def cmd_world_paper(args: argparse.Namespace) -> None:
     if not runs:
         raise ValidationError(f"`--student` {args.student}: the runs are of {sorted({r[0] for r in RUNS})}",
                               field="student")
+    lr = {}
+    for item in args.lr or []:
+        role, _, value = item.partition("=")
+        try:
+            lr[role] = float(value)
+        except ValueError:
+            lr[role] = -1.0
+        if role not in {r[0] for r in RUNS} or not lr[role] > 0:
+            raise ValidationError(f"`--lr` {item!r}: give SIZE=RATE with SIZE one of {sorted({r[0] for r in RUNS})} "
+                                  "and RATE above 0, e.g. t5-large=0.0003", field="lr")
     if args.install and runs != RUNS:
         raise ValidationError("`--install` replaces every student of the kit: drop `--student`", field="install")
     report = run_paper(args.kit, args.output, max_steps=args.max_steps, prompts=args.prompts, seeds=args.seeds,
-                       distill_seeds=args.distill_seeds, runs=runs, batch=args.batch, student_init=args.student_init)
+                       distill_seeds=args.distill_seeds, runs=runs, batch=args.batch, student_init=args.student_init,
+                       lr=lr)
     print(results_table(report))
     if args.install:
         install_students(args.output, args.kit)
@@ -765,6 +776,9 @@ def build_parser() -> argparse.ArgumentParser:
     wpp.add_argument("--student-init", choices=("local", "random"), default="local",
                      help="the students' start: random weights with the teacher's local attention prior (default, as "
                           "pretrained T5s attend to neighbouring words), or random weights alone")
+    wpp.add_argument("--lr", action="append", metavar="SIZE=RATE",
+                     help="a student size's learning rate (repeat); default t5-large=0.0003, the preset's 0.001 for "
+                          "the others")
     wpp.add_argument("--install", action="store_true", help="put the distilled students into the kit")
     wpp.set_defaults(func=cmd_world_paper)
     wol = world.add_parser("outliers", parents=[common],

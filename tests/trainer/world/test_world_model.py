@@ -203,13 +203,14 @@ def test_the_paper_distils_each_student_once_per_seed_and_reads_each_prompt_on_e
 
     out = tmp_path / "paper"
     report = run_paper(MINIATURE_KIT.parent, out, max_steps=2, prompts=4, seeds=2, distill_seeds=2,
-                       runs=(("t5-small", "step-following"),), show_progress=False)
+                       runs=(("t5-small", "step-following"),), lr={"t5-small": 2e-3}, show_progress=False)
     assert list(report) == ["t5-xxl", "t5-small-distilled", "t5-small-distilled-seed1", "t5-large", "t5-base",
                             "t5-small"]
     for name, r in report.items():
         assert r["seeds"] == 2 and r["n"]["semantics"] == 6 and r["n"]["text_rendering"] == 2, name
     assert [report[n].get("distill_seed") for n in report] == [None, 0, 1, None, None, None]
     assert [report[n].get("student_init") for n in report] == [None, *["local"] * 5]
+    assert [report[n].get("lr") for n in report] == [None, 2e-3, 2e-3, None, None, None]
     first, second = (load_file(out / "students" / n / "model.safetensors")
                      for n in ("t5-small-distilled", "t5-small-distilled-seed1"))
     assert first.keys() == second.keys() and any(not first[k].equal(second[k]) for k in first)
@@ -257,6 +258,14 @@ def test_an_outlier_kit_draws_the_same_images_from_embeddings_with_a_few_huge_ch
 
     assert main(["world", "outliers", "--kit", str(kit), "-o", str(out)]) == 2
     assert "`--output`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["t5-huge=0.001", "t5-large=0", "t5-large=fast", "t5-large"])
+def test_the_paper_refuses_a_learning_rate_it_cannot_use_before_distilling(tmp_path, capsys, bad):
+    from service.cli import main
+
+    assert main(["world", "paper", "--kit", str(MINIATURE_KIT.parent), "-o", str(tmp_path / "p"), "--lr", bad]) == 2
+    assert "`--lr`" in capsys.readouterr().err and not (tmp_path / "p").exists()
 
 
 def test_batched_reading_draws_the_same_images_faster_in_one_call_per_encoder(generator):
