@@ -17,10 +17,21 @@ import json
 import shutil
 from pathlib import Path
 
+import dataclasses
+
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
+from service.errors import ConfigError
 from trainer.config import to_yaml
+
+# Settings a resumed run may change: how long it runs, how it logs, evaluates and saves, where its teacher's embeddings
+# come from (a cache holds the same teacher's), threads. Any other change would silently continue a different run:
+# the optimizer's state even carries the old learning rate.
+RESUMABLE_CHANGES = {"max_steps", "threads", "log_every", "eval_every", "eval_prompts", "checkpoint_every",
+                     "keep_checkpoints", "output_dir", "teacher_cache"}
+PATHS = {"models_file", "student", "data"}
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -28,6 +39,27 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+
+
+def check_resumable(run_dir: Path, config) -> None:
+    """Refuse to resume the run in `run_dir` under settings other than those its latest checkpoint was written with
+    (bar `RESUMABLE_CHANGES`); paths compare resolved."""
+    existing = checkpoint_dirs(run_dir)
+    if not existing:
+        return
+    saved = yaml.safe_load((existing[-1] / "config.yaml").read_text()) or {}
+
+    def same(key: str, a, b) -> bool:
+        if key in PATHS and isinstance(a, str) and isinstance(b, str):
+            return Path(a).resolve() == Path(b).resolve()
+        return a == b
+
+    now = dataclasses.asdict(config)
+    changed = [k for k in now if k not in RESUMABLE_CHANGES and not same(k, saved.get(k), now[k])]
+    if changed:
+        diff = ", ".join(f"{k}={saved.get(k)!r} there, {now[k]!r} now" for k in changed)
+        raise ConfigError(f"`output_dir` {run_dir} holds checkpoints of a run with other settings ({diff}): resume it "
+                          "with the same settings, or give a new `output_dir`", field=changed[0])
 
 
 def save(run_dir: Path, step: int, student, optimizer: torch.optim.Optimizer, tokenizer, config, state: dict,

@@ -102,6 +102,7 @@ def train(config: DistillConfig, *, show_progress: bool = True, stop_after: int 
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     run_dir = Path(config.output_dir)
+    checkpoint.check_resumable(run_dir, config)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(config))

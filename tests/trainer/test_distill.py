@@ -92,6 +92,25 @@ def test_resume_continues_exactly(tiny, tmp_path):
     assert resumed["eval"] == first["eval"]
 
 
+def test_resume_refuses_other_settings_and_keeps_the_run_as_it_was(tiny, tmp_path):
+    """A run resumed with, say, another learning rate would go on with the old one (the optimizer's state holds it)
+    while its config claimed the new: refused, naming the setting, before anything is written. Longer runs, other
+    threads or log cadence resume."""
+    run = tiny(output_dir=tmp_path / "run", max_steps=16, checkpoint_every=8, eval_every=8)
+    train(run, show_progress=False, stop_after=8)
+    before = weights(tmp_path / "run")
+    config_before = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"lr=0\.003 there, 0\.0003 now") as info:
+        train(tiny(output_dir=tmp_path / "run", max_steps=16, checkpoint_every=8, eval_every=8, lr=3e-4),
+              show_progress=False)
+    assert info.value.field == "lr"
+    assert (tmp_path / "run" / "config.yaml").read_text() == config_before
+    assert all(torch.equal(before[k], weights(tmp_path / "run")[k]) for k in before)
+    summary = train(tiny(output_dir=tmp_path / "run", max_steps=24, checkpoint_every=8, eval_every=8, log_every=3),
+                    show_progress=False)
+    assert summary["step"] == 24
+
+
 def test_two_ddp_processes_match_one_with_the_same_global_batch(tiny, tmp_path):
     common = dict(max_steps=8, eval_every=8, checkpoint_every=8)
     one = tiny(output_dir=tmp_path / "one", micro_batch_size=4, **common)
