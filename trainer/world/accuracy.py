@@ -171,14 +171,20 @@ def plot_frontier(report: dict, bytes_of: dict[str, int], quantized: set[str], p
     for ax, criterion in zip(axes[0], criteria):
         names = sorted((n for n in report if n in bytes_of and criterion in report[n]["criteria"]),
                        key=lambda n: bytes_of[n])
-        frontier, best = [], -1.0
-        for index, name in enumerate(names):
+        frontier, best, placed = [], -1.0, []
+        for name in names:
             value = report[name]["criteria"][criterion]
             low, high = report[name]["intervals"][criterion]
             ax.errorbar(bytes_of[name], value, yerr=[[max(0.0, value - low)], [max(0.0, high - value)]], fmt="s" if name in quantized
                         else "o", color="tab:orange" if name in quantized else "tab:blue", capsize=3)
-            ax.annotate(name, (bytes_of[name], value), textcoords="offset points", xytext=(5, 5 - 10 * (index % 3)),
-                        fontsize=8)  # staggered: encoders of near-equal size and score would overprint
+            # Encoders of near-equal size and score (a quantized teacher beside a student) would overprint: their
+            # labels form a column beside the first of them, each joined to its mark by a thin line.
+            near = [(b, v) for b, v in placed if bytes_of[name] < 1.3 * b and abs(value - v) < 0.1]
+            anchor = near[0] if near else (bytes_of[name], value)
+            placed.append(anchor)
+            ax.annotate(name, (bytes_of[name], value), xytext=(anchor[0] * 1.12, anchor[1] + 0.03 - 0.07 * len(near)),
+                        textcoords="data", fontsize=8, va="center",
+                        arrowprops={"arrowstyle": "-", "linewidth": 0.4, "color": "grey"} if near else None)
             if value > best:
                 frontier.append((bytes_of[name], value))
                 best = value
