@@ -629,7 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--models-file", type=Path, help="models file (default: $T2I_MODELS_FILE or the demo kit)")
+    common.add_argument("--models-file", type=Path,
+                        help="models file (default: $T2I_MODELS_FILE, else the shipped miniature kit)")
     common.add_argument("--threads", type=int, help="CPU threads for torch (default: $T2I_THREADS or 1)")
 
     gen = sub.add_parser("generate", parents=[common], help="generate an image")
