@@ -2,8 +2,6 @@
 and every student, by a stated margin over the same prompts and seeds without it (docs/miniature.md has the figures);
 and the trainer's step runs."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,7 +12,7 @@ from trainer.world.control import control_eval, edge_correlation, square_control
 
 pytestmark = pytest.mark.skipif(not MINIATURE_KIT.exists(), reason="the miniature kit is not built")
 
-MARGIN = 0.3  # measured: about 0.55 (docs/miniature.md)
+MARGIN = 0.5  # measured: +0.67 to +0.77 on 4 seeds, teacher, quantized teachers and students (docs/miniature.md)
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +35,14 @@ def test_edge_correlation_is_high_for_the_control_itself_and_low_for_another_pla
     assert edge_correlation(Image.new("RGB", (32, 32)), edges) == 0.0
 
 
-# The shipped kit (16 image tokens) and the candidate kit (64): the ControlNet takes the kit's own latent grid.
-KITS = [MINIATURE_KIT.parent, Path(__file__).resolve().parents[3] / "kits" / "miniature-next"]
-
-
-@pytest.mark.parametrize("source", KITS, ids=["shipped", "next"])
-def test_the_trainer_writes_a_registered_controlnet(tmp_path, source):
+def test_the_trainer_writes_a_registered_controlnet(tmp_path):
+    """On a copy of the shipped kit (64 image tokens: the ControlNet takes the kit's own latent grid)."""
     import shutil
 
     import yaml
 
     kit = tmp_path / "kit"
-    shutil.copytree(source, kit)
+    shutil.copytree(MINIATURE_KIT.parent, kit)
     from trainer.world.control import train_controlnet
 
     out = train_controlnet(kit, minutes=0.05, batch_size=4)

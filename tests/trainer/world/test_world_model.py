@@ -8,7 +8,7 @@ import pytest
 
 from service.models.generation import GenerationRequest, Generator
 from service.models.registry import MINIATURE_KIT, Registry, default_models_file, with_absolute_sources
-from trainer.world.accuracy import encoder_accuracy
+from trainer.world.accuracy import encoder_accuracy, per_prompt
 from trainer.world.captions import caption
 from trainer.world.scene import sample
 
@@ -40,8 +40,10 @@ def test_the_teacher_draws_single_objects(generator):
     prompts = single_prompts(24, seed=20_000)
     report = encoder_accuracy(generator, "flux", "t5-xxl", prompts, details=True)
     acc = report["attributes"]
-    # Reduced thresholds of the documented figures, on 24 fixed held-out prompts.
-    assert acc["color"] >= 0.8 and acc["position"] >= 0.7 and acc["shape"] >= 0.5, acc
+    # Reduced thresholds of the documented figures (docs/miniature.md: colour 100%, position 99.5-100%, shape 88-94%,
+    # every attribute 89% of single prompts), on 24 fixed held-out prompts: at most 1, 1 and 3 misses, 4 images wrong.
+    assert acc["color"] >= 0.95 and acc["position"] >= 0.95 and acc["shape"] >= 0.85, acc
+    assert report["criteria"]["semantics"] >= 0.8, report["criteria"]
     # The per-image details agree with the figures: one row per image, and as many wrong colours as the rate says.
     rows = report["images"]
     assert [r["prompt"] for r in rows] == prompts and [r["seed"] for r in rows] == list(range(24))
@@ -49,6 +51,14 @@ def test_the_teacher_draws_single_objects(generator):
     for r in rows:
         if "color" not in r["wrong"]:  # the largest object found has the prompt's colour
             assert r["found"] and r["found"][0][0] in r["prompt"], r
+
+
+def test_the_teacher_draws_the_readme_prompts_on_at_least_4_of_seeds_0_to_4(generator):
+    """What a new user sends first: each prompt with request seeds 0-4, as `t2i serve` draws them."""
+    prompts = ["a red circle above a blue square", "two green triangles", "a sign reading 'cat'"]
+    report = encoder_accuracy(generator, "flux", "t5-xxl", prompts, seeds=5, same_seeds=True, details=True)
+    right = {p: per_prompt(report["images"])[p]["right_seeds"] for p in prompts}
+    assert all(len(seeds) >= 4 for seeds in right.values()), right
 
 
 def test_every_encoder_in_the_kit_generates(generator):
