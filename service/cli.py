@@ -400,7 +400,8 @@ def cmd_world_train(args: argparse.Namespace) -> None:
 def cmd_world_prompts(args: argparse.Namespace) -> None:
     from trainer.world.prompts import write_prompts
 
-    manifest = write_prompts(args.output, train=args.train, validation=args.validation, seed=args.seed)
+    manifest = write_prompts(args.output, train=args.train, validation=args.validation, seed=args.seed,
+                             even_kinds=args.even_kinds)
     print(f"wrote {args.output}: {manifest['counts']}")
 
 
@@ -571,7 +572,7 @@ def cmd_world_paper(args: argparse.Namespace) -> None:
         raise ValidationError("`--install` replaces every student of the kit: drop `--student`", field="install")
     report = run_paper(args.kit, args.output, max_steps=args.max_steps, prompts=args.prompts, seeds=args.seeds,
                        distill_seeds=args.distill_seeds, runs=runs, batch=args.batch, student_init=args.student_init,
-                       lr=lr)
+                       lr=lr, even_kinds=args.even_kinds)
     print(results_table(report))
     if args.install:
         install_students(args.output, args.kit)
@@ -724,6 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     wp.add_argument("--train", type=int, default=4000)
     wp.add_argument("--validation", type=int, default=200)
     wp.add_argument("--seed", type=int, default=0)
+    wp.add_argument("--even-kinds", action="store_true",
+                    help="a quarter of the prompts of each kind, repeating sign captions once the few distinct ones "
+                         "run out (default: distinct captions only, about 1%% signs)")
     wp.set_defaults(func=cmd_world_prompts)
     we = world.add_parser("eval", parents=[common], help="the evaluator's accuracy per encoder on held-out prompts")
     we.add_argument("--encoder", action="append",
@@ -780,6 +784,8 @@ def build_parser() -> argparse.ArgumentParser:
     wpp.add_argument("--lr", action="append", metavar="SIZE=RATE",
                      help="a student size's learning rate (repeat); default t5-large=0.0003, the preset's 0.001 for "
                           "the others")
+    wpp.add_argument("--even-kinds", action="store_true",
+                     help="distil on a prompt set with a quarter of each kind (see `t2i world prompts --even-kinds`)")
     wpp.add_argument("--install", action="store_true", help="put the distilled students into the kit")
     wpp.set_defaults(func=cmd_world_paper)
     wol = world.add_parser("outliers", parents=[common],

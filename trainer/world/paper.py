@@ -44,13 +44,14 @@ def run_name(role: str, mode: str, distill_seed: int) -> str:
 
 def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 2000, prompts: int = 200, seeds: int = 2,
               distill_seeds: int = 2, runs: tuple[tuple[str, str], ...] = RUNS, batch: int = 1,
-              student_init: str = "local", lr: dict[str, float] | None = None, show_progress: bool = True) -> dict:
+              student_init: str = "local", lr: dict[str, float] | None = None, even_kinds: bool = False,
+              show_progress: bool = True) -> dict:
     kit, out = Path(kit).resolve(), Path(out_dir).resolve()
     lr = {**LEARNING_RATES, **(lr or {})}
     out.mkdir(parents=True, exist_ok=True)
     models = kit / "models.yaml"
     data = out / "world-data"
-    write_prompts(data)
+    write_prompts(data, even_kinds=even_kinds)
 
     # 1. The untrained students, then each student (and the embedding-MSE baseline) distilled from its untrained start
     #    once per distillation seed, and exported. A run interrupted resumes from its checkpoints when the same
@@ -68,7 +69,8 @@ def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 2000, pr
             ])
             train(config, show_progress=show_progress)
             students[name] = export(config.output_dir, out / "students" / name)
-            made_by[name] = {"student": role, "mode": mode, "distill_seed": distill_seed, "lr": config.lr}
+            made_by[name] = {"student": role, "mode": mode, "distill_seed": distill_seed, "lr": config.lr,
+                             "even_kinds": even_kinds}
 
     # 2. One registry with the teacher, the untrained students and the distilled ones.
     raw = with_absolute_sources(yaml.safe_load(models.read_text()), kit)

@@ -40,6 +40,21 @@ def test_the_distillation_prompt_set_has_no_held_out_combination(tmp_path):
     assert not {r["prompt"] for r in rows} & set(novel_prompts(300))
 
 
+def test_even_kinds_give_signs_a_quarter_of_the_prompt_set_by_repeating_them(tmp_path):
+    """Distinct captions alone leave about 1% signs (the world has few distinct sign captions); `even_kinds` gives
+    each kind a quarter, repeating sign captions once they run out, still with no held-out combination."""
+    import json
+
+    plain = write_prompts(tmp_path / "plain", train=2000, validation=40)
+    even = write_prompts(tmp_path / "even", train=2000, validation=40, even_kinds=True)
+    assert plain["counts"]["train"].get("text_rendering", 0) < 0.05 * 2000
+    assert even["counts"]["train"]["text_rendering"] == 500
+    assert even["distinct"]["train"]["text_rendering"] < 500 and even["even_kinds"] is True
+    rows = [json.loads(line) for line in (tmp_path / "even" / "train.jsonl").read_text().splitlines()]
+    assert [r["category"] for r in rows[:4]] == ["single", "count", "relation", "text"]
+    assert not {r["prompt"] for r in rows} & set(novel_prompts(300))
+
+
 def _train(out, *extra, wait=True):
     env = {**os.environ, "T2I_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "service.cli", "world", "train", "-o", str(out), "--steps", "6", "--vae-steps", "3",
