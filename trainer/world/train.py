@@ -51,7 +51,7 @@ TEACHER = T5Size("t5-xxl", 256, 4, 4, 512)
 STUDENTS = (T5Size("t5-large", 128, 4, 4, 256), T5Size("t5-base", 64, 3, 4, 128), T5Size("t5-small", 32, 2, 2, 64))
 MAX_TOKENS = 16
 KIND_WEIGHTS = {"single": 0.3, "count": 0.3, "relation": 0.28, "text": 0.12}  # the VAE's caption mix
-# The candidate kit's recipe (docs/miniature.md, "The next kit"): the denoiser's caption mix, where its training
+# The shipped kit's recipe (docs/miniature.md, "The models"): the denoiser's caption mix, where its training
 # timesteps sit, its teacher, and the guidance chosen for it on the validation prompts (best of 1.0, 1.5, 2 and 3).
 DENOISER_MIX = {"single": 0.15, "count": 0.45, "relation": 0.25, "text": 0.15}
 TRUE_CFG_SCALE = 1.5

@@ -108,7 +108,7 @@ def test_the_timestep_location_is_recorded_and_a_resume_with_another_is_refused(
     assert shifted.returncode == 0, shifted.stderr[-2000:]
     recipe = json.loads((tmp_path / "run/work/denoiser/state.json").read_text())["recipe"]
     assert recipe == {"timestep_mean": 0.8, "mix": {"single": 0.15, "count": 0.45, "relation": 0.25, "text": 0.15},
-                      "teacher": "local"}  # the candidate kit's mix and teacher
+                      "teacher": "local"}  # the shipped kit's mix and teacher
     assert yaml.safe_load((tmp_path / "run/models.yaml").read_text())["pipelines"]["flux"]["true_cfg_scale"] == 1.5
     other = _train(tmp_path / "run")  # the default, 1.0
     assert other.returncode == 2 and "timestep_mean=0.8" in other.stderr and "timestep_mean=1.0" in other.stderr, \
