@@ -558,16 +558,17 @@ def cmd_world_paper(args: argparse.Namespace) -> None:
     if not runs:
         raise ValidationError(f"`--student` {args.student}: the runs are of {sorted({r[0] for r in RUNS})}",
                               field="student")
-    lr = {}
+    sizes, lr = sorted({r[0] for r in RUNS}), {}
     for item in args.lr or []:
         role, _, value = item.partition("=")
         try:
-            lr[role] = float(value)
+            rate = float(value)
         except ValueError:
-            lr[role] = -1.0
-        if role not in {r[0] for r in RUNS} or not lr[role] > 0:
-            raise ValidationError(f"`--lr` {item!r}: give SIZE=RATE with SIZE one of {sorted({r[0] for r in RUNS})} "
-                                  "and RATE above 0, e.g. t5-large=0.0003", field="lr")
+            rate = float("nan")
+        if role not in sizes or not rate > 0:
+            raise ValidationError(f"`--lr` {item!r}: give SIZE=RATE with SIZE one of {sizes} and RATE above 0, "
+                                  "e.g. t5-large=0.0003", field="lr")
+        lr[role] = rate
     if args.install and runs != RUNS:
         raise ValidationError("`--install` replaces every student of the kit: drop `--student`", field="install")
     report = run_paper(args.kit, args.output, max_steps=args.max_steps, prompts=args.prompts, seeds=args.seeds,

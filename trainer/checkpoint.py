@@ -13,11 +13,10 @@ so resuming at a batch boundary reproduces them exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
-
-import dataclasses
 
 import torch
 import yaml
