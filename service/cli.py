@@ -766,7 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
     wpp = world.add_parser("paper", parents=[common], help="distil students at 1/4, 1/16, 1/64 and read their images")
     wpp.add_argument("--kit", required=True, help="a kit from `t2i world train`")
     wpp.add_argument("-o", "--output", required=True)
-    wpp.add_argument("--max-steps", type=int, default=2000)
+    wpp.add_argument("--max-steps", type=int, default=6000,
+                     help="optimizer steps per student (default 6000: one per trajectory step, 300 walks of 16 prompts)")
     wpp.add_argument("--prompts", type=int, default=200,
                      help="held-out prompts per encoder, a quarter of each kind (default 200)")
     wpp.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default 2)")
@@ -783,10 +784,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the students' start: random weights with the teacher's local attention prior (default, as "
                           "pretrained T5s attend to neighbouring words), or random weights alone")
     wpp.add_argument("--lr", action="append", metavar="SIZE=RATE",
-                     help="a student size's learning rate (repeat); default t5-large=0.0003, the preset's 0.001 for "
-                          "the others")
-    wpp.add_argument("--even-kinds", action="store_true",
-                     help="distil on a prompt set with a quarter of each kind (see `t2i world prompts --even-kinds`)")
+                     help="a student size's learning rate (repeat); default 0.0003 for every size")
+    wpp.add_argument("--even-kinds", action=argparse.BooleanOptionalAction, default=True,
+                     help="distil on a prompt set with a quarter of each kind, signs repeated (default; see `t2i "
+                          "world prompts --even-kinds`), or with --no-even-kinds on distinct captions only")
     wpp.add_argument("--install", action="store_true", help="put the distilled students into the kit")
     wpp.set_defaults(func=cmd_world_paper)
     wol = world.add_parser("outliers", parents=[common],

@@ -2,6 +2,7 @@
 docs/miniature.md), it is the default models file, and a short distillation in this world improves a student's
 accuracy over its untrained start."""
 
+import json
 import random
 
 import pytest
@@ -221,6 +222,9 @@ def test_the_paper_distils_each_student_once_per_seed_and_reads_each_prompt_on_e
     assert [report[n].get("distill_seed") for n in report] == [None, 0, 1, None, None, None]
     assert [report[n].get("student_init") for n in report] == [None, *["local"] * 5]
     assert [report[n].get("lr") for n in report] == [None, 2e-3, 2e-3, None, None, None]
+    # By default the students learn from a prompt set with each kind a quarter of the rows (signs repeated).
+    assert report["t5-small-distilled"]["even_kinds"] is True
+    assert json.loads((out / "world-data" / "manifest.json").read_text())["counts"]["train"]["text_rendering"] == 1000
     first, second = (load_file(out / "students" / n / "model.safetensors")
                      for n in ("t5-small-distilled", "t5-small-distilled-seed1"))
     assert first.keys() == second.keys() and any(not first[k].equal(second[k]) for k in first)
