@@ -393,7 +393,7 @@ def cmd_world_train(args: argparse.Namespace) -> None:
     if args.teacher is not None:
         given["teacher"] = args.teacher
     config = WorldConfig(**given)
-    out = train_world(args.output, config, seed=args.seed)
+    out = train_world(args.output, config, seed=args.seed, denoiser_dtype=args.denoiser_dtype)
     print(f"wrote the miniature world's model kit to {out}; use it with T2I_MODELS_FILE={out / 'models.yaml'}")
 
 
@@ -719,6 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--teacher", choices=("random", "local"),
                     help="the frozen teacher T5's attention: local (default: heads biased to the previous, next and "
                          "same word, so that each output carries its neighbours) or random as initialised")
+    wt.add_argument("--denoiser-dtype", choices=("float32", "float16"), default="float32",
+                    help="how the kit stores the denoiser's weights (default float32; float16 halves its bytes, and "
+                         "it still trains in float32 and loads in the models file's dtype)")
     wt.add_argument("--seed", type=int, default=0)
     wt.set_defaults(func=cmd_world_train)
     wp = world.add_parser("prompts", help="write the world's prompt set in the trainer's dataset format")

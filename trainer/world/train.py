@@ -294,7 +294,11 @@ def write_untrained_students(directory: Path, tokenizer, seed: int = 0, init: st
     return paths
 
 
-def train_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), *, seed: int = 0) -> Path:
+def train_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), *, seed: int = 0,
+                denoiser_dtype: str = "float32") -> Path:
+    """Train (or resume) the world and write its kit. `denoiser_dtype` is how the kit stores the denoiser's
+    weights (float16 halves its bytes); it trains in float32 either way, and the service loads it in the models
+    file's dtype."""
     out = Path(out_dir)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -323,7 +327,8 @@ def train_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), *, see
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tokenizer, text_encoder_2=None,
-                 tokenizer_2=None, transformer=transformer).save_pretrained(out / "pipelines" / "flux")
+                 tokenizer_2=None, transformer=transformer.to(getattr(torch, denoiser_dtype))
+                 ).save_pretrained(out / "pipelines" / "flux")
     teacher.save_pretrained(out / "encoders" / TEACHER.role)
     t5_tokenizer.save_pretrained(out / "encoders" / TEACHER.role)
     write_untrained_students(out / "encoders", t5_tokenizer, seed, init=config.teacher)

@@ -101,6 +101,25 @@ def test_the_denoiser_width_is_a_flag_and_a_resume_with_another_is_refused(tmp_p
     assert refused.returncode == 2 and "`--heads`=0 must be at least 1" in refused.stderr, refused.stderr[-2000:]
 
 
+def test_the_kit_can_store_its_denoiser_in_float16_and_the_service_loads_it_in_float32(tmp_path):
+    from service.models.denoiser import Denoiser
+    from service.models.registry import load_registry
+
+    half = _train(tmp_path / "half", "--denoiser-dtype", "float16")
+    assert half.returncode == 0, half.stderr[-2000:]
+    flux = tmp_path / "half/pipelines/flux"
+    weights = load_file(flux / "transformer/diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float16}
+    assert {t.dtype for t in load_file(flux / "vae/diffusion_pytorch_model.safetensors").values()} == {torch.float32}
+    trained = load_file(tmp_path / "half/work/denoiser/ema.safetensors")  # what training kept, in float32
+    assert {t.dtype for t in trained.values()} == {torch.float32}
+    assert all(torch.equal(weights[k], v.half()) for k, v in trained.items())
+    spec = load_registry(tmp_path / "half/models.yaml").pipeline("flux")
+    assert {p.dtype for p in Denoiser.load(spec, device="cpu").pipe.transformer.parameters()} == {torch.float32}
+    bad = _train(tmp_path / "bad", "--denoiser-dtype", "int8")
+    assert bad.returncode == 2 and "--denoiser-dtype" in bad.stderr, bad.stderr[-2000:]
+
+
 def test_the_timestep_location_is_recorded_and_a_resume_with_another_is_refused(tmp_path):
     import json
 
