@@ -508,7 +508,7 @@ def cmd_world_controlnet(args: argparse.Namespace) -> None:
     torch_setup(args)
     from trainer.world.control import train_controlnet
 
-    out = train_controlnet(args.kit, minutes=args.minutes, seed=args.seed)
+    out = train_controlnet(args.kit, minutes=args.minutes, seed=args.seed, dtype=args.dtype)
     print(f"wrote the canny ControlNet to {out} and registered it in {Path(args.kit) / 'models.yaml'}")
 
 
@@ -805,6 +805,9 @@ def build_parser() -> argparse.ArgumentParser:
     wcn = world.add_parser("controlnet", parents=[common], help="train the kit's canny ControlNet and register it")
     wcn.add_argument("--kit", required=True, help="a kit from `t2i world train`")
     wcn.add_argument("--minutes", type=float, default=12.0, help="time budget (default 12)")
+    wcn.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                     help="how the kit stores the ControlNet's weights (default float32; float16 halves its bytes, "
+                          "and it still trains in float32 and loads in the models file's dtype)")
     wcn.add_argument("--seed", type=int, default=0)
     wcn.set_defaults(func=cmd_world_controlnet)
     wce = world.add_parser("control-eval", parents=[common],

@@ -56,8 +56,10 @@ def _packed_latents(vae, images: torch.Tensor, *, sample_posterior: bool) -> tor
 
 
 def train_controlnet(kit: str | Path, *, minutes: float, seed: int = 0, batch_size: int = 32,
-                     lr: float = 5e-4) -> Path:
-    """Train the kit's canny ControlNet, save it under KIT/controlnets/flux-canny and register it in KIT/models.yaml."""
+                     lr: float = 5e-4, dtype: str = "float32") -> Path:
+    """Train the kit's canny ControlNet, save it under KIT/controlnets/flux-canny and register it in KIT/models.yaml.
+    `dtype` is how its weights are stored (float16 halves the bytes); it trains in float32 whatever the kit stores,
+    and the service loads it in the models file's dtype."""
     from diffusers import FluxControlNetModel, FluxPipeline
     from transformers import AutoTokenizer, T5EncoderModel
 
@@ -126,7 +128,7 @@ def train_controlnet(kit: str | Path, *, minutes: float, seed: int = 0, batch_si
 
     # 4. Save in the diffusers format and register it.
     out = kit / "controlnets" / CONTROLNET_NAME
-    controlnet.eval().save_pretrained(out)
+    controlnet.eval().to(getattr(torch, dtype)).save_pretrained(out)
     raw.setdefault("controlnets", {})[CONTROLNET_NAME] = {
         "pipeline": "flux", "source": f"./controlnets/{CONTROLNET_NAME}", "condition": "canny", "scale": 1.0}
     header = (kit / "models.yaml").read_text().splitlines()[0]

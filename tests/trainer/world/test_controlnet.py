@@ -68,3 +68,30 @@ def test_the_cli_evaluates_every_encoder_by_default(tmp_path, capsys):
 
     assert sorted(report) == sorted(Registry.from_file(MINIATURE_KIT).encoders)  # the quantized teachers too
     assert Image.open(tmp_path / "grid.png").size == (96 * (1 + 2 * len(report)), 20 + 96 * 4 + 18)
+
+
+def test_the_cli_stores_the_controlnet_in_float16_and_loads_it_in_float32(tmp_path, capsys):
+    import shutil
+
+    import torch
+    from diffusers import FluxControlNetModel
+    from safetensors.torch import load_file
+
+    from service.cli import main
+
+    kit = tmp_path / "kit"
+    shutil.copytree(MINIATURE_KIT.parent, kit)
+    assert main(["world", "controlnet", "--kit", str(kit), "--minutes", "0.05", "--dtype", "float16"]) == 0, \
+        capsys.readouterr().err
+    out = kit / "controlnets" / "flux-canny"
+    assert {t.dtype for t in load_file(out / "diffusion_pytorch_model.safetensors").values()} == {torch.float16}
+    assert FluxControlNetModel.from_pretrained(out).dtype == torch.float32  # stock diffusers, no dtype asked
+    from service.models.denoiser import Denoiser
+
+    registry = Registry.from_file(kit / "models.yaml")
+    denoiser = Denoiser.load(registry.pipeline("flux"), device="cpu")
+    controlnet = denoiser.control_pipe(registry.controlnet("flux-canny", "flux")).controlnet
+    assert {p.dtype for p in controlnet.parameters()} == {torch.float32}
+    with pytest.raises(SystemExit):
+        main(["world", "controlnet", "--kit", str(kit), "--dtype", "int8"])
+    assert "--dtype" in capsys.readouterr().err
