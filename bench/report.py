@@ -60,8 +60,8 @@ NOTES = {
         "third), the fastest of five each."),
     "throughput": (
         "Sixteen clients submit jobs and wait for each; one worker (one thread) serves them. With batching on, the "
-        "worker takes the jobs already queued behind the one it claims (up to `T2I_MAX_BATCH`, same pipeline, "
-        "encoder, size and steps) into one denoising call. On these tiny models a call is dominated by its fixed "
+        "worker claims the jobs queued on a stream in one read (up to `T2I_MAX_BATCH`) and denoises those that share "
+        "pipeline, encoder, size and steps in one call. On these tiny models a call is dominated by its fixed "
         "per-step cost, which a batch shares; on a GPU with real models the gain comes from filling the device. "
         "The 16 clients are threads of the benchmark's own process, on the same two cores as the service, so the "
         "client library's own CPU time is taken from the service: the targets are checked through the standard "

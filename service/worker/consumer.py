@@ -70,8 +70,9 @@ class Consumer:
         self.client.set(queue.embedding_key(job_id), data, ex=ttl_s)
 
     # -- claiming ----------------------------------------------------------------------------------------------
-    def claim(self, block_ms: int) -> list[Claim]:
-        """Jobs abandoned by silent workers first (checked every half visibility timeout), then new ones."""
+    def claim(self, block_ms: int, count: int = 1) -> list[Claim]:
+        """Jobs abandoned by silent workers first (checked every half visibility timeout, one at a time), then new
+        ones: up to `count` from each stream, those queued now or, when none is, the first to arrive."""
         now = time.monotonic()
         if now - self._last_reclaim > self.visibility_ms / 2000:
             self._last_reclaim = now
@@ -84,7 +85,7 @@ class Consumer:
                         return [Claim(stream, _s(entry_id), _s(fields[b"job"]), redelivered=True)]
                     self.client.xack(stream, queue.GROUP, entry_id)
         reply = self.client.xreadgroup(
-            queue.GROUP, self.worker_id, {s: ">" for s in self.streams}, count=1, block=block_ms
+            queue.GROUP, self.worker_id, {s: ">" for s in self.streams}, count=count, block=block_ms
         )
         claims = []
         for stream, entries in reply or []:

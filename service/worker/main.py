@@ -123,13 +123,16 @@ class Worker:
         # 4. Claim and run jobs until told to stop; a failing job never ends the loop.
         while not self.stopping.is_set():
             try:
-                claims = self.consumer.claim(block_ms=1000)
+                claims = self.consumer.claim(block_ms=1000, count=self.settings.max_batch)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unreachable (%s); retrying", exc)
                 self.stopping.wait(1.0)
                 continue
+            by_stream: dict[str, list[Claim]] = {}
             for claim in claims:
-                self.process(claim)
+                by_stream.setdefault(claim.stream, []).append(claim)
+            for stream_claims in by_stream.values():
+                self.process(stream_claims)
 
         # 5. Leave cleanly: no heartbeat left behind.
         self._with_retry(self.consumer.leave, attempts=3)
@@ -138,15 +141,14 @@ class Worker:
         return 0
 
     # -- jobs ----------------------------------------------------------------------------------------------------
-    def process(self, claim: Claim) -> None:
-        """Run a claimed job, with the jobs already queued behind it on the same stream that can share its
-        denoising call (up to T2I_MAX_BATCH). Only when the last call was a batch (jobs are arriving together) does
-        it also wait up to T2I_BATCH_WAIT_MS for more: a lone job never waits."""
-        claims = [claim]
-        if self.settings.max_batch > 1 and not claim.redelivered:
-            wait_ms = self.settings.batch_wait_ms if self.last_batch > 1 else 0
+    def process(self, claims: list[Claim]) -> None:
+        """Run jobs claimed together from one stream (those queued at the claim, up to T2I_MAX_BATCH), sharing a
+        denoising call where they can. Only when the last call was a batch (jobs are arriving together) does it
+        wait up to T2I_BATCH_WAIT_MS for more: a lone job never waits, and costs no further read."""
+        if (self.settings.max_batch > len(claims) and self.last_batch > 1
+                and not any(c.redelivered for c in claims)):
             claims += self._with_retry(lambda: self.consumer.claim_more(
-                claim.stream, self.settings.max_batch - 1, wait_ms)) or []
+                claims[0].stream, self.settings.max_batch - len(claims), self.settings.batch_wait_ms)) or []
         jobs = self._start_unanswered(claims) if all(c.entry and not c.redelivered for c in claims) else []
         if not jobs:
             started = self._with_retry(lambda: self.consumer.start(claims))
