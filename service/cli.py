@@ -418,9 +418,12 @@ def cmd_world_eval(args: argparse.Namespace) -> None:
                                   "\"a sign reading 'cat'\")", field="prompt")
     if not 1 <= args.batch <= 64:
         raise ValidationError(f"`--batch`={args.batch} is out of range [1, 64]", field="batch")
-    if args.prompt and (args.novel or args.validation):
-        raise ValidationError("`--prompt` evaluates the prompts given: drop `--novel` / `--validation`",
+    if args.prompt and (args.novel or args.validation or args.kind):
+        raise ValidationError("`--prompt` evaluates the prompts given: drop `--novel` / `--validation` / `--kind`",
                               field="prompt")
+    if args.novel and args.kind and not set(args.kind) <= {"single", "text"}:
+        raise ValidationError(f"`--kind` {sorted(set(args.kind) - {'single', 'text'})} with `--novel`: only single "
+                              "objects and signs have combinations training never sees", field="kind")
     torch_setup(args)
     import json as _json
 
@@ -429,6 +432,7 @@ def cmd_world_eval(args: argparse.Namespace) -> None:
     from service.models.sizes import encoder_row
     from trainer.world.accuracy import encoder_accuracy, held_out_prompts, markdown_table, per_prompt, plot_frontier
     from trainer.world.captions import VALIDATION_SEED, novel_prompts
+    from trainer.world.scene import KINDS
 
     registry = Registry.from_file(models_file(args))
     if args.cfg is not None:
@@ -438,9 +442,12 @@ def cmd_world_eval(args: argparse.Namespace) -> None:
     if args.prompt:
         prompts = list(dict.fromkeys(args.prompt))
     elif args.validation:
-        prompts = held_out_prompts(args.prompts, seed=VALIDATION_SEED, kinds=("single", "count", "relation"))
+        prompts = held_out_prompts(args.prompts, seed=VALIDATION_SEED,
+                                   kinds=tuple(args.kind or ("single", "count", "relation")))
+    elif args.novel:
+        prompts = novel_prompts(args.prompts, kinds=tuple(args.kind or ("single", "text")))
     else:
-        prompts = novel_prompts(args.prompts) if args.novel else held_out_prompts(args.prompts)
+        prompts = held_out_prompts(args.prompts, kinds=tuple(args.kind or KINDS))
     report = {}
     for name in args.encoder or list(registry.encoders):
         route = registry.route(name)
@@ -750,8 +757,11 @@ def build_parser() -> argparse.ArgumentParser:
     we.add_argument("--novel", action="store_true",
                     help="only combinations training never saw (colour x shape x position, word x template)")
     we.add_argument("--validation", action="store_true",
-                    help="semantic prompts from the validation seed instead of the held-out one: tune defaults "
-                         "(such as --cfg) here, never on the held-out set")
+                    help="prompts from the validation seed instead of the held-out one (semantic kinds unless "
+                         "--kind says otherwise): tune defaults (such as --cfg) here, never on the held-out set")
+    we.add_argument("--kind", action="append", choices=("single", "count", "relation", "text"),
+                    help="draw only prompts of this kind (repeat; default: all four, the semantic three with "
+                         "--validation, single and text with --novel), in turn")
     we.add_argument("--cfg", type=float, help="true classifier-free guidance (default: the pipeline's)")
     we.add_argument("--out", help="also write the JSON report here")
     we.add_argument("--details", action="store_true",

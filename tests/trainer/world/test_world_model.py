@@ -164,8 +164,15 @@ def test_world_eval_of_a_route_and_of_a_validation_guidance(tmp_path, capsys):
                  "--prompts", "3", "--steps", "4", "--details", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["t5-xxl"]["images"]
     assert [r["prompt"] for r in rows] == held_out_prompts(3, seed=4242, kinds=("single", "count", "relation"))
+    assert main(["world", "eval", "--models-file", str(MINIATURE_KIT), "--encoder", "t5-xxl", "--validation",
+                 "--kind", "text", "--prompts", "2", "--steps", "4", "--details", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())["t5-xxl"]
+    assert [r["prompt"] for r in report["images"]] == held_out_prompts(2, seed=4242, kinds=("text",))
+    assert report["n"] == {"text_rendering": 2, "text": 2}, report["n"]
     assert main(["world", "eval", "--models-file", str(MINIATURE_KIT), "--details"]) == 2
     assert "`--details` lists every image in the JSON report: give `--out FILE` too" in capsys.readouterr().err
+    assert main(["world", "eval", "--models-file", str(MINIATURE_KIT), "--novel", "--kind", "count"]) == 2
+    assert "`--kind` ['count'] with `--novel`" in capsys.readouterr().err
 
 
 def test_world_eval_of_given_prompts_uses_the_request_seeds(tmp_path, capsys, generator):
