@@ -15,14 +15,25 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """The host a record was made on. Cloud CPUs often name themselves only "AMD EPYC" or "Intel Xeon Processor", so
+    `cpu_id` adds the family, model, clock and widest vector unit: two hosts of one name can differ by 2x."""
+    cpu, cpu_id = platform.processor() or platform.machine(), None
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+        fields = {}
+        for line in cpuinfo.read_text().splitlines():
+            if not line.strip():
+                break  # the first processor's block
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+        cpu = fields.get("model name", cpu)
+        flags = set(fields.get("flags", "").split())
+        vector = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"))
+                       if flag in flags), None)
+        parts = [f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else None,
+                 f"{float(fields['cpu MHz']):.0f} MHz" if "cpu MHz" in fields else None, vector]
+        cpu_id = ", ".join(p for p in parts if p) or None
+    except (OSError, ValueError):
         pass
     try:
         mem = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
@@ -37,7 +48,7 @@ def machine() -> dict:
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "gpu": gpu, "python": platform.python_version(),
+    return {"cpu": cpu, "cpu_id": cpu_id, "cores": os.cpu_count(), "memory_bytes": mem, "gpu": gpu, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d")}
 
 

@@ -222,7 +222,7 @@ def render(out_dir: Path) -> Path:
                           "on the CPU.", ""]
             continue
         m = record["machine"]
-        lines += [f"Command: `{record['command']}`  ", f"Machine: {m['cpu']}, {m['cores']} cores"
+        lines += [f"Command: `{record['command']}`  ", f"Machine: {m['cpu']}" + (f" ({m['cpu_id']})" if m.get("cpu_id") else "") + f", {m['cores']} cores"
                   + (f", {m['gpu']}" if m.get("gpu") else ", no GPU") + f"; {m['date']}  ",
                   f"Setting: {record.get('setting') or ''}".rstrip(), ""]
         if name == "encoders":
