@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from service.errors import ConfigError
 from service.models.demo import build_t5_tokenizer
 from service.models.generation import Generator
 from service.models.registry import Registry, with_absolute_sources
@@ -32,6 +33,7 @@ from trainer.world.accuracy import encoder_accuracy, held_out_prompts, markdown_
 from trainer.world.prompts import write_prompts
 from trainer.world.train import write_untrained_students
 
+RUN_RECORD = "paper_run.json"  # in each exported student's dir: the settings it was distilled with
 RUNS = (("t5-large", "step-following"), ("t5-base", "step-following"), ("t5-small", "step-following"),
         ("t5-base", "embedding-mse"))
 # Learning rate per student size (the preset's 1e-3 for a size not listed). At 1e-3 the largest student does not learn
@@ -71,10 +73,9 @@ def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 6000, pr
                 f"--output_dir={out / 'runs' / name}", f"--max_steps={max_steps}", f"--seed={distill_seed}",
                 *([f"--lr={lr[role]}"] if role in lr else []),
             ])
-            train(config, show_progress=show_progress)
-            students[name] = export(config.output_dir, out / "students" / name)
             made_by[name] = {"student": role, "mode": mode, "distill_seed": distill_seed, "lr": config.lr,
-                             "even_kinds": even_kinds}
+                             "even_kinds": even_kinds, "max_steps": max_steps}
+            students[name] = _distilled(config, out / "students" / name, made_by[name], show_progress)
 
     # 2. One registry with the teacher, the untrained students and the distilled ones.
     raw = with_absolute_sources(yaml.safe_load(models.read_text()), kit)
@@ -103,6 +104,26 @@ def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 6000, pr
     return report
 
 
+def _distilled(config: DistillConfig, target: Path, made_by: dict, show_progress: bool) -> Path:
+    """One run's exported student: trained and exported, or the one already exported with the same settings (its
+    RUN_RECORD says which), so that OUT/students alone carries a study over to another machine or day."""
+    record = target / RUN_RECORD
+    if record.is_file():
+        done = json.loads(record.read_text())
+        if done != made_by:
+            changed = next(k for k in {**done, **made_by} if done.get(k) != made_by.get(k))
+            raise ConfigError(f"{target} was distilled with {changed}={done.get(changed)}, and this study asks for "
+                              f"{changed}={made_by.get(changed)}: write the study to a new directory, or remove "
+                              f"{target} to distil it again", field=changed)
+        if show_progress:
+            print(f"{target.name}: already distilled with these settings ({record}); not trained again", flush=True)
+        return target
+    train(config, show_progress=show_progress)
+    export(config.output_dir, target)
+    record.write_text(json.dumps(made_by, indent=2) + "\n")
+    return target
+
+
 def results_table(report: dict) -> str:
     return markdown_table(report)
 
@@ -113,4 +134,4 @@ def install_students(out_dir: str | Path, kit: str | Path) -> None:
         source = Path(out_dir) / "students" / f"{role}-distilled"
         target = Path(kit) / "encoders" / role
         shutil.rmtree(target)
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("README.md"))
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("README.md", RUN_RECORD))

@@ -245,6 +245,30 @@ def test_the_paper_distils_each_student_once_per_seed_and_reads_each_prompt_on_e
         str(out / "untrained" / n) for n in ("t5-large", "t5-base", "t5-small")}
 
 
+def test_the_paper_takes_students_already_distilled_with_the_same_settings_and_refuses_others(tmp_path, capsys):
+    """OUT/students alone carries a study over (its training checkpoints gone): a student exported with the same
+    settings is read, not distilled again; one made with other settings is refused, naming the setting."""
+    import shutil
+
+    from service.errors import ConfigError
+    from trainer.world.paper import RUN_RECORD, run_paper
+
+    out, runs = tmp_path / "paper", (("t5-small", "step-following"),)
+    run_paper(MINIATURE_KIT.parent, out, max_steps=2, prompts=2, seeds=1, distill_seeds=1, runs=runs,
+              show_progress=False)
+    weights = out / "students" / "t5-small-distilled" / "model.safetensors"
+    made = weights.stat().st_mtime_ns
+    assert json.loads((weights.parent / RUN_RECORD).read_text())["max_steps"] == 2
+    shutil.rmtree(out / "runs")
+    report = run_paper(MINIATURE_KIT.parent, out, max_steps=2, prompts=2, seeds=1, distill_seeds=1, runs=runs)
+    assert "t5-small-distilled: already distilled with these settings" in capsys.readouterr().out
+    assert weights.stat().st_mtime_ns == made and not (out / "runs").exists()
+    assert report["t5-small-distilled"]["max_steps"] == 2
+    with pytest.raises(ConfigError, match="max_steps=2, and this study asks for max_steps=3"):
+        run_paper(MINIATURE_KIT.parent, out, max_steps=3, prompts=2, seeds=1, distill_seeds=1, runs=runs,
+                  show_progress=False)
+
+
 def test_an_outlier_kit_draws_the_same_images_from_embeddings_with_a_few_huge_channels(tmp_path, generator, capsys):
     """`t2i world outliers`: the teacher's embeddings get a few channels 50x larger (as real T5 v1.1's have), every
     consumer of them is scaled back, so the teacher draws the same images; a second run into the same directory is
