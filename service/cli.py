@@ -19,6 +19,7 @@ from service.settings import get_settings
 log = logging.getLogger("t2i")
 
 IMAGE_FORMATS = {".png": "PNG", ".webp": "WEBP", ".jpg": "JPEG", ".jpeg": "JPEG"}
+CONTROLNET_STEPS = 1500  # `t2i world controlnet`'s default budget: the shipped kit's (docs/miniature.md)
 
 
 # -- shared set-up ---------------------------------------------------------------------------------------------
@@ -378,8 +379,8 @@ def cmd_world_train(args: argparse.Namespace) -> None:
     torch_setup(args)
     from trainer.world.train import WorldConfig, train_world
 
-    given = {k: getattr(args, k) for k in ("steps", "vae_steps", "checkpoint_every", "heads", "layers", "single_layers")
-             if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("steps", "vae_steps", "checkpoint_every", "batch", "heads", "layers",
+                                          "single_layers") if getattr(args, k) is not None}
     for key, value in given.items():
         if value < 1:
             raise ValidationError(f"`--{key.replace('_', '-')}`={value} must be at least 1", field=key)
@@ -515,7 +516,12 @@ def cmd_world_controlnet(args: argparse.Namespace) -> None:
     torch_setup(args)
     from trainer.world.control import train_controlnet
 
-    out = train_controlnet(args.kit, minutes=args.minutes, seed=args.seed, dtype=args.dtype)
+    for key in ("steps", "minutes"):
+        value = getattr(args, key)
+        if value is not None and value <= 0:
+            raise ValidationError(f"`--{key}`={value} must be above 0", field=key)
+    steps = args.steps if args.steps is not None or args.minutes is not None else CONTROLNET_STEPS
+    out = train_controlnet(args.kit, steps=steps, minutes=args.minutes, seed=args.seed, dtype=args.dtype)
     print(f"wrote the canny ControlNet to {out} and registered it in {Path(args.kit) / 'models.yaml'}")
 
 
@@ -712,6 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("-o", "--output", required=True, help="kit directory to write")
     wt.add_argument("--vae-steps", type=int, help="VAE training steps (default 1500)")
     wt.add_argument("--steps", type=int, help="denoiser training steps (default 5000)")
+    wt.add_argument("--batch", type=int, help="denoiser training batch (default 64)")
     wt.add_argument("--checkpoint-every", type=int,
                     help="steps between checkpoints in DIR/work (default 250); rerun the same command to resume")
     wt.add_argument("--heads", type=int, help="denoiser attention heads of 32 dims each: its width (default 4)")
@@ -814,7 +821,10 @@ def build_parser() -> argparse.ArgumentParser:
     wol.set_defaults(func=cmd_world_outliers)
     wcn = world.add_parser("controlnet", parents=[common], help="train the kit's canny ControlNet and register it")
     wcn.add_argument("--kit", required=True, help="a kit from `t2i world train`")
-    wcn.add_argument("--minutes", type=float, default=12.0, help="time budget (default 12)")
+    budget = wcn.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help=f"training steps at batch 32 (default {CONTROLNET_STEPS}: the same "
+                                                  "weights from the same seed on any machine)")
+    budget.add_argument("--minutes", type=float, help="a time budget instead of steps: as many as fit")
     wcn.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                      help="how the kit stores the ControlNet's weights (default float32; float16 halves its bytes, "
                           "and it still trains in float32 and loads in the models file's dtype)")

@@ -1,6 +1,6 @@
 """A canny ControlNet for the miniature world, and the edge-correlation measure that shows it works.
 
-    t2i world controlnet --kit service/models/miniature --minutes 10     # train, save, register in models.yaml
+    t2i world controlnet --kit service/models/miniature --steps 1500     # train, save, register in models.yaml
     t2i world control-eval --kit service/models/miniature               # edge correlation with vs without control
 
 Training: a diffusers `FluxControlNetModel` made from the kit's transformer (`from_transformer`: its first blocks'
@@ -55,11 +55,14 @@ def _packed_latents(vae, images: torch.Tensor, *, sample_posterior: bool) -> tor
     return FluxPipeline._pack_latents(z, z.shape[0], z.shape[1], z.shape[2], z.shape[3])
 
 
-def train_controlnet(kit: str | Path, *, minutes: float, seed: int = 0, batch_size: int = 32,
-                     lr: float = 5e-4, dtype: str = "float32") -> Path:
+def train_controlnet(kit: str | Path, *, steps: int | None = None, minutes: float | None = None, seed: int = 0,
+                     batch_size: int = 32, lr: float = 5e-4, dtype: str = "float32") -> Path:
     """Train the kit's canny ControlNet, save it under KIT/controlnets/flux-canny and register it in KIT/models.yaml.
-    `dtype` is how its weights are stored (float16 halves the bytes); it trains in float32 whatever the kit stores,
-    and the service loads it in the models file's dtype."""
+    The budget is `steps` (the same weights from the same seed on any machine) or `minutes` (as many steps as fit),
+    exactly one of them; the learning rate decays over it. `dtype` is how its weights are stored (float16 halves the
+    bytes); it trains in float32 whatever the kit stores, and the service loads it in the models file's dtype."""
+    if (steps is None) == (minutes is None):
+        raise ValueError("give the ControlNet's budget as steps or as minutes, exactly one")
     from diffusers import FluxControlNetModel, FluxPipeline
     from transformers import AutoTokenizer, T5EncoderModel
 
@@ -92,9 +95,13 @@ def train_controlnet(kit: str | Path, *, minutes: float, seed: int = 0, batch_si
     txt_ids = torch.zeros(max_tokens, 3)
 
     # 3. Rectified flow with the denoiser frozen; only the ControlNet learns.
-    start, step, budget = time.monotonic(), 0, minutes * 60
-    while (elapsed := time.monotonic() - start) < budget:
-        current_lr = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(elapsed / budget, 1.0)))
+    start, step = time.monotonic(), 0
+
+    def done_fraction(elapsed: float) -> float:
+        return step / steps if steps is not None else min(elapsed / (minutes * 60), 1.0)
+
+    while (progress := done_fraction(elapsed := time.monotonic() - start)) < 1.0:
+        current_lr = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
             group["lr"] = current_lr
         images, controls, captions = _control_batch(rng, batch_size)

@@ -98,7 +98,8 @@ class WorldConfig:
     def recipe(self) -> dict:
         """What a resumed run must keep besides the architecture for its steps to follow the same objective (the
         step budget may grow: its schedule is cosine over the new budget)."""
-        return {"timestep_mean": self.timestep_mean, "mix": dict(self.mix), "teacher": self.teacher}
+        return {"timestep_mean": self.timestep_mean, "mix": dict(self.mix), "teacher": self.teacher,
+                "batch": self.batch}
 
 
 def batch(rng: random.Random, n: int, mix: dict[str, float] = KIND_WEIGHTS) -> tuple[torch.Tensor, list[str]]:

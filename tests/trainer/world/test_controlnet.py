@@ -4,6 +4,7 @@ and the trainer's step runs."""
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from service.models.control import canny
@@ -35,17 +36,24 @@ def test_edge_correlation_is_high_for_the_control_itself_and_low_for_another_pla
     assert edge_correlation(Image.new("RGB", (32, 32)), edges) == 0.0
 
 
-def test_the_trainer_writes_a_registered_controlnet(tmp_path):
-    """On a copy of the shipped kit (64 image tokens: the ControlNet takes the kit's own latent grid)."""
+def test_the_trainer_writes_a_registered_controlnet_the_same_from_the_same_seed(tmp_path):
+    """On copies of the shipped kit (64 image tokens: the ControlNet takes the kit's own latent grid)."""
     import shutil
 
     import yaml
+    from safetensors.torch import load_file
 
-    kit = tmp_path / "kit"
-    shutil.copytree(MINIATURE_KIT.parent, kit)
     from trainer.world.control import train_controlnet
 
-    out = train_controlnet(kit, minutes=0.05, batch_size=4)
+    outs = []
+    for name in ("kit", "again"):
+        shutil.copytree(MINIATURE_KIT.parent, tmp_path / name)
+        outs.append(train_controlnet(tmp_path / name, steps=2, batch_size=4, dtype="float32"))
+    kit, out = tmp_path / "kit", outs[0]
+    first, second = (load_file(o / "diffusion_pytorch_model.safetensors") for o in outs)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    with pytest.raises(ValueError, match="exactly one"):
+        train_controlnet(kit, steps=2, minutes=1.0)
     assert (out / "config.json").exists() and (out / "diffusion_pytorch_model.safetensors").exists()
     raw = yaml.safe_load((kit / "models.yaml").read_text())
     assert raw["controlnets"]["flux-canny"] == {"pipeline": "flux", "source": "./controlnets/flux-canny",
@@ -81,7 +89,7 @@ def test_the_cli_stores_the_controlnet_in_float16_and_loads_it_in_float32(tmp_pa
 
     kit = tmp_path / "kit"
     shutil.copytree(MINIATURE_KIT.parent, kit)
-    assert main(["world", "controlnet", "--kit", str(kit), "--minutes", "0.05", "--dtype", "float16"]) == 0, \
+    assert main(["world", "controlnet", "--kit", str(kit), "--steps", "1", "--dtype", "float16"]) == 0, \
         capsys.readouterr().err
     out = kit / "controlnets" / "flux-canny"
     assert {t.dtype for t in load_file(out / "diffusion_pytorch_model.safetensors").values()} == {torch.float16}
@@ -95,3 +103,8 @@ def test_the_cli_stores_the_controlnet_in_float16_and_loads_it_in_float32(tmp_pa
     with pytest.raises(SystemExit):
         main(["world", "controlnet", "--kit", str(kit), "--dtype", "int8"])
     assert "--dtype" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["world", "controlnet", "--kit", str(kit), "--steps", "5", "--minutes", "1"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert main(["world", "controlnet", "--kit", str(kit), "--steps", "0"]) == 2
+    assert "`--steps`=0 must be above 0" in capsys.readouterr().err

@@ -120,6 +120,18 @@ def test_the_kit_can_store_its_denoiser_in_float16_and_the_service_loads_it_in_f
     assert bad.returncode == 2 and "--denoiser-dtype" in bad.stderr, bad.stderr[-2000:]
 
 
+def test_the_denoiser_batch_is_a_flag_and_a_resume_with_another_is_refused(tmp_path):
+    import json
+
+    small = _train(tmp_path / "run", "--batch", "4")
+    assert small.returncode == 0, small.stderr[-2000:]
+    assert json.loads((tmp_path / "run/work/denoiser/state.json").read_text())["recipe"]["batch"] == 4
+    other = _train(tmp_path / "run", "--batch", "8")
+    assert other.returncode == 2 and "batch=4" in other.stderr and "batch=8" in other.stderr, other.stderr[-2000:]
+    refused = _train(tmp_path / "none", "--batch", "0")
+    assert refused.returncode == 2 and "`--batch`=0 must be at least 1" in refused.stderr, refused.stderr[-2000:]
+
+
 def test_the_timestep_location_is_recorded_and_a_resume_with_another_is_refused(tmp_path):
     import json
 
@@ -127,7 +139,7 @@ def test_the_timestep_location_is_recorded_and_a_resume_with_another_is_refused(
     assert shifted.returncode == 0, shifted.stderr[-2000:]
     recipe = json.loads((tmp_path / "run/work/denoiser/state.json").read_text())["recipe"]
     assert recipe == {"timestep_mean": 0.8, "mix": {"single": 0.15, "count": 0.45, "relation": 0.25, "text": 0.15},
-                      "teacher": "local"}  # the shipped kit's mix and teacher
+                      "teacher": "local", "batch": 64}  # the shipped kit's mix, teacher and batch
     assert yaml.safe_load((tmp_path / "run/models.yaml").read_text())["pipelines"]["flux"]["true_cfg_scale"] == 1.5
     other = _train(tmp_path / "run")  # the default, 1.0
     assert other.returncode == 2 and "timestep_mean=0.8" in other.stderr and "timestep_mean=1.0" in other.stderr, \
