@@ -48,8 +48,8 @@ def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    return {"cpu": cpu, "cpu_id": cpu_id, "cores": os.cpu_count(), "memory_bytes": mem, "gpu": gpu, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d")}
+    return {"cpu": cpu, "cpu_id": cpu_id, "cores": os.cpu_count(), "memory_bytes": mem, "gpu": gpu,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

@@ -222,7 +222,8 @@ def render(out_dir: Path) -> Path:
                           "on the CPU.", ""]
             continue
         m = record["machine"]
-        lines += [f"Command: `{record['command']}`  ", f"Machine: {m['cpu']}" + (f" ({m['cpu_id']})" if m.get("cpu_id") else "") + f", {m['cores']} cores"
+        cpu = m["cpu"] + (f" ({m['cpu_id']})" if m.get("cpu_id") else "")
+        lines += [f"Command: `{record['command']}`  ", f"Machine: {cpu}, {m['cores']} cores"
                   + (f", {m['gpu']}" if m.get("gpu") else ", no GPU") + f"; {m['date']}  ",
                   f"Setting: {record.get('setting') or ''}".rstrip(), ""]
         if name == "encoders":
