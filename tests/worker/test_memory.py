@@ -14,7 +14,8 @@ def _touch(n_bytes: int) -> None:
     array from malloc may reuse pages a long test session already holds (seen once in a full-suite run: a 64 MiB
     array left the peak where the reset put it)."""
     pages = mmap.mmap(-1, n_bytes)
-    pages.write(b"\x01" * n_bytes)
+    for offset in range(0, n_bytes, mmap.PAGESIZE):  # one byte a page: no n_bytes temporary beside the mapping
+        pages[offset] = 1
     pages.close()
 
 
