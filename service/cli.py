@@ -19,7 +19,7 @@ from service.settings import get_settings
 log = logging.getLogger("t2i")
 
 IMAGE_FORMATS = {".png": "PNG", ".webp": "WEBP", ".jpg": "JPEG", ".jpeg": "JPEG"}
-CONTROLNET_STEPS = 1500  # `t2i world controlnet`'s default budget (the shipped kit's ran 1,600 in its 10 minutes)
+CONTROLNET_STEPS = 1500  # `t2i world controlnet`'s default budget (the shipped kit's ran exactly these)
 
 
 # -- shared set-up ---------------------------------------------------------------------------------------------
@@ -721,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--batch", type=int, help="denoiser training batch (default 64)")
     wt.add_argument("--checkpoint-every", type=int,
                     help="steps between checkpoints in DIR/work (default 250); rerun the same command to resume")
-    wt.add_argument("--heads", type=int, help="denoiser attention heads of 32 dims each: its width (default 4)")
+    wt.add_argument("--heads", type=int, help="denoiser attention heads of 32 dims each: its width (default 8)")
     wt.add_argument("--layers", type=int, help="denoiser double-stream blocks (default 2)")
     wt.add_argument("--single-layers", type=int, help="denoiser single-stream blocks (default 4)")
     wt.add_argument("--timestep-mean", type=float,
@@ -733,9 +733,9 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--teacher", choices=("random", "local"),
                     help="the frozen teacher T5's attention: local (default: heads biased to the previous, next and "
                          "same word, so that each output carries its neighbours) or random as initialised")
-    wt.add_argument("--denoiser-dtype", choices=("float32", "float16"), default="float32",
-                    help="how the kit stores the denoiser's weights (default float32; float16 halves its bytes, and "
-                         "it still trains in float32 and loads in the models file's dtype)")
+    wt.add_argument("--denoiser-dtype", choices=("float32", "float16"), default="float16",
+                    help="how the kit stores the denoiser's weights (default float16: half the bytes of float32; "
+                         "it trains in float32 either way and loads in the models file's dtype)")
     wt.add_argument("--seed", type=int, default=0)
     wt.set_defaults(func=cmd_world_train)
     wp = world.add_parser("prompts", help="write the world's prompt set in the trainer's dataset format")
@@ -825,9 +825,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--steps", type=int, help=f"training steps at batch 32 (default {CONTROLNET_STEPS}: the same "
                                                   "weights from the same seed on any machine)")
     budget.add_argument("--minutes", type=float, help="a time budget instead of steps: as many as fit")
-    wcn.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                     help="how the kit stores the ControlNet's weights (default float32; float16 halves its bytes, "
-                          "and it still trains in float32 and loads in the models file's dtype)")
+    wcn.add_argument("--dtype", choices=("float32", "float16"), default="float16",
+                     help="how the kit stores the ControlNet's weights (default float16: half the bytes of float32; "
+                          "it trains in float32 either way and loads in the models file's dtype)")
     wcn.add_argument("--seed", type=int, default=0)
     wcn.set_defaults(func=cmd_world_controlnet)
     wce = world.add_parser("control-eval", parents=[common],

@@ -56,7 +56,7 @@ def _packed_latents(vae, images: torch.Tensor, *, sample_posterior: bool) -> tor
 
 
 def train_controlnet(kit: str | Path, *, steps: int | None = None, minutes: float | None = None, seed: int = 0,
-                     batch_size: int = 32, lr: float = 5e-4, dtype: str = "float32") -> Path:
+                     batch_size: int = 32, lr: float = 5e-4, dtype: str = "float16") -> Path:
     """Train the kit's canny ControlNet, save it under KIT/controlnets/flux-canny and register it in KIT/models.yaml.
     The budget is `steps` (the same weights from the same seed on any machine) or `minutes` (as many steps as fit),
     exactly one of them; the learning rate decays over it. `dtype` is how its weights are stored (float16 halves the

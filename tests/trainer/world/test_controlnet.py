@@ -78,7 +78,7 @@ def test_the_cli_evaluates_every_encoder_by_default(tmp_path, capsys):
     assert Image.open(tmp_path / "grid.png").size == (96 * (1 + 2 * len(report)), 20 + 96 * 4 + 18)
 
 
-def test_the_cli_stores_the_controlnet_in_float16_and_loads_it_in_float32(tmp_path, capsys):
+def test_the_cli_stores_the_controlnet_in_float16_by_default_and_loads_it_in_float32(tmp_path, capsys):
     import shutil
 
     import torch
@@ -89,7 +89,7 @@ def test_the_cli_stores_the_controlnet_in_float16_and_loads_it_in_float32(tmp_pa
 
     kit = tmp_path / "kit"
     shutil.copytree(MINIATURE_KIT.parent, kit)
-    assert main(["world", "controlnet", "--kit", str(kit), "--steps", "1", "--dtype", "float16"]) == 0, \
+    assert main(["world", "controlnet", "--kit", str(kit), "--steps", "1"]) == 0, \
         capsys.readouterr().err
     out = kit / "controlnets" / "flux-canny"
     assert {t.dtype for t in load_file(out / "diffusion_pytorch_model.safetensors").values()} == {torch.float16}

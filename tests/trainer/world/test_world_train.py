@@ -101,11 +101,11 @@ def test_the_denoiser_width_is_a_flag_and_a_resume_with_another_is_refused(tmp_p
     assert refused.returncode == 2 and "`--heads`=0 must be at least 1" in refused.stderr, refused.stderr[-2000:]
 
 
-def test_the_kit_can_store_its_denoiser_in_float16_and_the_service_loads_it_in_float32(tmp_path):
+def test_the_kit_stores_its_denoiser_in_float16_by_default_and_the_service_loads_it_in_float32(tmp_path):
     from service.models.denoiser import Denoiser
     from service.models.registry import load_registry
 
-    half = _train(tmp_path / "half", "--denoiser-dtype", "float16")
+    half = _train(tmp_path / "half")  # the default, float16
     assert half.returncode == 0, half.stderr[-2000:]
     flux = tmp_path / "half/pipelines/flux"
     weights = load_file(flux / "transformer/diffusion_pytorch_model.safetensors")
@@ -140,7 +140,7 @@ def test_the_timestep_location_is_recorded_and_a_resume_with_another_is_refused(
     recipe = json.loads((tmp_path / "run/work/denoiser/state.json").read_text())["recipe"]
     assert recipe == {"timestep_mean": 0.8, "mix": {"single": 0.15, "count": 0.45, "relation": 0.25, "text": 0.15},
                       "teacher": "local", "batch": 64}  # the shipped kit's mix, teacher and batch
-    assert yaml.safe_load((tmp_path / "run/models.yaml").read_text())["pipelines"]["flux"]["true_cfg_scale"] == 1.5
+    assert yaml.safe_load((tmp_path / "run/models.yaml").read_text())["pipelines"]["flux"]["true_cfg_scale"] == 1.0
     other = _train(tmp_path / "run")  # the default, 1.0
     assert other.returncode == 2 and "timestep_mean=0.8" in other.stderr and "timestep_mean=1.0" in other.stderr, \
         other.stderr[-2000:]
