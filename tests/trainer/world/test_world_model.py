@@ -90,7 +90,7 @@ def test_a_short_distillation_improves_a_students_accuracy(tmp_path):
         f"--models_file={MINIATURE_KIT}", f"--student={student_dir}", f"--data={tmp_path / 'data'}",
         f"--output_dir={tmp_path / 'run'}", "--max_steps=600", "--trajectory_steps=5", "--eval_every=600",
         "--checkpoint_every=600",
-        "--threads=1"])
+        "--threads=2"])  # both cores: the suite runs one test at a time
     train(config, show_progress=False)
     export(tmp_path / "run", tmp_path / "distilled")
 
