@@ -67,7 +67,7 @@ class WorldConfig:
     vae_batch: int = 32
     layers: int = 2  # FLUX double-stream blocks
     single_layers: int = 4
-    heads: int = 8  # of 32 dims each (the shipped kit's; 4 was the first kit's, docs/miniature.md)
+    heads: int = 8  # of 32 dims each (the shipped kit's; the two earlier kits had 4, docs/miniature.md)
     steps: int = 5000
     batch: int = 64
     lr: float = 1e-3
