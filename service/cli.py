@@ -20,6 +20,8 @@ log = logging.getLogger("t2i")
 
 IMAGE_FORMATS = {".png": "PNG", ".webp": "WEBP", ".jpg": "JPEG", ".jpeg": "JPEG"}
 CONTROLNET_STEPS = 1500  # `t2i world controlnet`'s default budget (the shipped kit's ran exactly these)
+TRAIN_DEVICE_HELP = ("where it trains: auto (default: the first CUDA device when there is one, else the CPU), cpu, "
+                     "cuda or cuda:N")
 
 
 # -- shared set-up ---------------------------------------------------------------------------------------------
@@ -394,7 +396,7 @@ def cmd_world_train(args: argparse.Namespace) -> None:
     if args.teacher is not None:
         given["teacher"] = args.teacher
     config = WorldConfig(**given)
-    out = train_world(args.output, config, seed=args.seed, denoiser_dtype=args.denoiser_dtype)
+    out = train_world(args.output, config, seed=args.seed, denoiser_dtype=args.denoiser_dtype, device=args.device)
     print(f"wrote the miniature world's model kit to {out}; use it with T2I_MODELS_FILE={out / 'models.yaml'}")
 
 
@@ -521,7 +523,8 @@ def cmd_world_controlnet(args: argparse.Namespace) -> None:
         if value is not None and value <= 0:
             raise ValidationError(f"`--{key}`={value} must be above 0", field=key)
     steps = args.steps if args.steps is not None or args.minutes is not None else CONTROLNET_STEPS
-    out = train_controlnet(args.kit, steps=steps, minutes=args.minutes, seed=args.seed, dtype=args.dtype)
+    out = train_controlnet(args.kit, steps=steps, minutes=args.minutes, seed=args.seed, dtype=args.dtype,
+                           device=args.device)
     print(f"wrote the canny ControlNet to {out} and registered it in {Path(args.kit) / 'models.yaml'}")
 
 
@@ -561,7 +564,7 @@ def cmd_world_outliers(args: argparse.Namespace) -> None:
 
 
 def cmd_world_paper(args: argparse.Namespace) -> None:
-    for key in ("max_steps", "prompts", "seeds", "distill_seeds", "batch"):
+    for key in ("max_steps", "prompts", "seeds", "distill_seeds", "batch", "jobs"):
         if getattr(args, key) < 1:
             raise ValidationError(f"`--{key.replace('_', '-')}`={getattr(args, key)} must be at least 1", field=key)
     torch_setup(args)
@@ -586,7 +589,7 @@ def cmd_world_paper(args: argparse.Namespace) -> None:
         raise ValidationError("`--install` replaces every student of the kit: drop `--student`", field="install")
     report = run_paper(args.kit, args.output, max_steps=args.max_steps, prompts=args.prompts, seeds=args.seeds,
                        distill_seeds=args.distill_seeds, runs=runs, batch=args.batch, student_init=args.student_init,
-                       lr=lr, even_kinds=args.even_kinds)
+                       lr=lr, even_kinds=args.even_kinds, jobs=args.jobs)
     print(results_table(report))
     if args.install:
         install_students(args.output, args.kit)
@@ -736,6 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--denoiser-dtype", choices=("float32", "float16"), default="float16",
                     help="how the kit stores the denoiser's weights (default float16: half the bytes of float32; "
                          "it trains in float32 either way and loads in the models file's dtype)")
+    wt.add_argument("--device", default="auto", help=TRAIN_DEVICE_HELP)
     wt.add_argument("--seed", type=int, default=0)
     wt.set_defaults(func=cmd_world_train)
     wp = world.add_parser("prompts", help="write the world's prompt set in the trainer's dataset format")
@@ -808,6 +812,9 @@ def build_parser() -> argparse.ArgumentParser:
     wpp.add_argument("--even-kinds", action=argparse.BooleanOptionalAction, default=True,
                      help="distil on a prompt set with a quarter of each kind, signs repeated (default; see `t2i "
                           "world prompts --even-kinds`), or with --no-even-kinds on distinct captions only")
+    wpp.add_argument("--jobs", type=int, default=1,
+                     help="distil this many runs at a time, each in its own process (default 1; a GPU host or a CPU "
+                          "with cores to spare for each run's 2 threads: each run is the same as alone)")
     wpp.add_argument("--install", action="store_true", help="put the distilled students into the kit")
     wpp.set_defaults(func=cmd_world_paper)
     wol = world.add_parser("outliers", parents=[common],
@@ -828,6 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
     wcn.add_argument("--dtype", choices=("float32", "float16"), default="float16",
                      help="how the kit stores the ControlNet's weights (default float16: half the bytes of float32; "
                           "it trains in float32 either way and loads in the models file's dtype)")
+    wcn.add_argument("--device", default="auto", help=TRAIN_DEVICE_HELP)
     wcn.add_argument("--seed", type=int, default=0)
     wcn.set_defaults(func=cmd_world_controlnet)
     wce = world.add_parser("control-eval", parents=[common],

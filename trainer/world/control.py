@@ -56,15 +56,19 @@ def _packed_latents(vae, images: torch.Tensor, *, sample_posterior: bool) -> tor
 
 
 def train_controlnet(kit: str | Path, *, steps: int | None = None, minutes: float | None = None, seed: int = 0,
-                     batch_size: int = 32, lr: float = 5e-4, dtype: str = "float16") -> Path:
+                     batch_size: int = 32, lr: float = 5e-4, dtype: str = "float16", device: str = "auto") -> Path:
     """Train the kit's canny ControlNet, save it under KIT/controlnets/flux-canny and register it in KIT/models.yaml.
     The budget is `steps` (the same weights from the same seed on any machine) or `minutes` (as many steps as fit),
     exactly one of them; the learning rate decays over it. `dtype` is how its weights are stored (float16 halves the
-    bytes); it trains in float32 whatever the kit stores, and the service loads it in the models file's dtype."""
+    bytes); it trains in float32 whatever the kit stores, and the service loads it in the models file's dtype.
+    `device` is where it trains (`auto`: the first CUDA device when there is one, else the CPU); the data and the noise
+    are drawn on the CPU either way."""
     if (steps is None) == (minutes is None):
         raise ValueError("give the ControlNet's budget as steps or as minutes, exactly one")
     from diffusers import FluxControlNetModel, FluxPipeline
     from transformers import AutoTokenizer, T5EncoderModel
+
+    from service.models.devices import resolve_device
 
     kit = Path(kit).resolve()
     raw = yaml.safe_load((kit / "models.yaml").read_text())
@@ -75,11 +79,12 @@ def train_controlnet(kit: str | Path, *, steps: int | None = None, minutes: floa
     log.write_text("")
     rng = random.Random(seed)
     torch.manual_seed(seed)
+    where = resolve_device(device)
 
     # 1. The kit's frozen parts: VAE, transformer, teacher T5.
     pipe = FluxPipeline.from_pretrained(kit / "pipelines" / "flux", text_encoder_2=None, tokenizer_2=None)
-    vae, transformer = pipe.vae.requires_grad_(False), pipe.transformer.requires_grad_(False)
-    teacher = T5EncoderModel.from_pretrained(kit / "encoders" / teacher_name).requires_grad_(False)
+    vae, transformer = pipe.vae.requires_grad_(False).to(where), pipe.transformer.requires_grad_(False).to(where)
+    teacher = T5EncoderModel.from_pretrained(kit / "encoders" / teacher_name).requires_grad_(False).to(where)
     tokenizer = AutoTokenizer.from_pretrained(kit / "encoders" / teacher_name)
 
     # 2. The ControlNet: the transformer's first double and single blocks, zero-initialised outputs.
@@ -87,12 +92,12 @@ def train_controlnet(kit: str | Path, *, steps: int | None = None, minutes: floa
     controlnet = FluxControlNetModel.from_transformer(
         transformer, num_layers=1, num_single_layers=2, attention_head_dim=config.attention_head_dim,
         num_attention_heads=config.num_attention_heads)
-    controlnet.train()
+    controlnet.train().to(where)
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=lr, weight_decay=0.0)
-    pooled = torch.zeros(batch_size, config.pooled_projection_dim)
+    pooled = torch.zeros(batch_size, config.pooled_projection_dim, device=where)
     grid = SIZE // (pipe.vae_scale_factor * 2)  # latent pixels per side, packed 2x2 into tokens: the kit's own
-    img_ids = FluxPipeline._prepare_latent_image_ids(1, grid, grid, "cpu", torch.float32)
-    txt_ids = torch.zeros(max_tokens, 3)
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, grid, grid, where, torch.float32)
+    txt_ids = torch.zeros(max_tokens, 3, device=where)
 
     # 3. Rectified flow with the denoiser frozen; only the ControlNet learns.
     start, step = time.monotonic(), 0
@@ -104,16 +109,17 @@ def train_controlnet(kit: str | Path, *, steps: int | None = None, minutes: floa
         current_lr = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
             group["lr"] = current_lr
-        images, controls, captions = _control_batch(rng, batch_size)
+        images, controls, captions = (part.to(where) if torch.is_tensor(part) else part
+                                      for part in _control_batch(rng, batch_size))
         captions = ["" if rng.random() < 0.3 else c for c in captions]
         with torch.no_grad():
             x0 = _packed_latents(vae, images, sample_posterior=False)
             cond = _packed_latents(vae, controls, sample_posterior=True)
             ids = tokenizer(captions, padding="max_length", max_length=max_tokens, truncation=True,
                             return_tensors="pt").input_ids
-            text = teacher(ids)[0]
-        sigma = torch.sigmoid(torch.randn(batch_size))
-        noise = torch.randn_like(x0)
+            text = teacher(ids.to(where))[0]
+        sigma = torch.sigmoid(torch.randn(batch_size)).to(where)
+        noise = torch.randn(x0.shape).to(where)
         x_t = (1 - sigma.view(-1, 1, 1)) * x0 + sigma.view(-1, 1, 1) * noise
         common = dict(hidden_states=x_t, timestep=sigma, encoder_hidden_states=text, pooled_projections=pooled,
                       txt_ids=txt_ids, img_ids=img_ids, return_dict=False)
@@ -135,7 +141,7 @@ def train_controlnet(kit: str | Path, *, steps: int | None = None, minutes: floa
 
     # 4. Save in the diffusers format and register it.
     out = kit / "controlnets" / CONTROLNET_NAME
-    controlnet.eval().to(getattr(torch, dtype)).save_pretrained(out)
+    controlnet.eval().to("cpu", getattr(torch, dtype)).save_pretrained(out)
     raw.setdefault("controlnets", {})[CONTROLNET_NAME] = {
         "pipeline": "flux", "source": f"./controlnets/{CONTROLNET_NAME}", "condition": "canny", "scale": 1.0}
     header = (kit / "models.yaml").read_text().splitlines()[0]

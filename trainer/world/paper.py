@@ -10,13 +10,18 @@ quarter of the rows (`even_kinds`: the world has few distinct sign captions, so 
 the set is signs and no student learns to render words); then reads every encoder's images
 with the exact evaluator, each prompt with `seeds` seeds. Writes OUT/results.json, OUT/results.md and OUT/accuracy.png,
 and the distilled students as Hugging Face dirs under OUT/students/ (`t5-base-distilled` is distillation seed 0,
-`t5-base-distilled-seed1` seed 1, and so on; `--install` takes seed 0's, chosen before any result).
+`t5-base-distilled-seed1` seed 1, and so on; `--install` takes seed 0's, chosen before any result). With `jobs` above
+1 the runs are distilled that many at a time, each in its own process (a GPU host, or a CPU with cores to spare for
+each run's threads); every run is the same as when run alone, from its own seed.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import yaml
@@ -51,7 +56,7 @@ def run_name(role: str, mode: str, distill_seed: int) -> str:
 def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 6000, prompts: int = 200, seeds: int = 2,
               distill_seeds: int = 2, runs: tuple[tuple[str, str], ...] = RUNS, batch: int = 1,
               student_init: str = "local", lr: dict[str, float] | None = None, even_kinds: bool = True,
-              show_progress: bool = True) -> dict:
+              jobs: int = 1, show_progress: bool = True) -> dict:
     kit, out = Path(kit).resolve(), Path(out_dir).resolve()
     lr = {**LEARNING_RATES, **(lr or {})}
     out.mkdir(parents=True, exist_ok=True)
@@ -60,22 +65,27 @@ def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 6000, pr
     write_prompts(data, even_kinds=even_kinds)
 
     # 1. The untrained students, then each student (and the embedding-MSE baseline) distilled from its untrained start
-    #    once per distillation seed, and exported. A run interrupted resumes from its checkpoints when the same
-    #    command runs again.
+    #    once per distillation seed, and exported, `jobs` runs at a time. A run interrupted resumes from its
+    #    checkpoints when the same command runs again.
     untrained = write_untrained_students(out / "untrained", build_t5_tokenizer(), init=student_init)
-    students: dict[str, Path] = {}
+    configs: dict[str, DistillConfig] = {}
     made_by: dict[str, dict] = {}
     for distill_seed in range(distill_seeds):
         for role, mode in runs:
             name = run_name(role, mode, distill_seed)
-            config: DistillConfig = load_config(DistillConfig, "miniature", [
+            configs[name] = load_config(DistillConfig, "miniature", [
                 f"--models_file={models}", f"--student={untrained[role]}", f"--data={data}", f"--mode={mode}",
                 f"--output_dir={out / 'runs' / name}", f"--max_steps={max_steps}", f"--seed={distill_seed}",
                 *([f"--lr={lr[role]}"] if role in lr else []),
             ])
-            made_by[name] = {"student": role, "mode": mode, "distill_seed": distill_seed, "lr": config.lr,
+            made_by[name] = {"student": role, "mode": mode, "distill_seed": distill_seed, "lr": configs[name].lr,
                              "even_kinds": even_kinds, "max_steps": max_steps}
-            students[name] = _distilled(config, out / "students" / name, made_by[name], show_progress)
+    students = {name: out / "students" / name for name in configs}
+    if jobs == 1:
+        for name, config in configs.items():
+            _distilled(config, students[name], made_by[name], show_progress)
+    else:
+        _distil_in_parallel(configs, students, made_by, jobs, show_progress)
 
     # 2. One registry with the teacher, the untrained students and the distilled ones.
     raw = with_absolute_sources(yaml.safe_load(models.read_text()), kit)
@@ -122,6 +132,40 @@ def _distilled(config: DistillConfig, target: Path, made_by: dict, show_progress
     export(config.output_dir, target)
     record.write_text(json.dumps(made_by, indent=2) + "\n")
     return target
+
+
+def _distil_in_parallel(configs: dict[str, DistillConfig], students: dict[str, Path], made_by: dict[str, dict],
+                        jobs: int, show_progress: bool) -> None:
+    """Each run in its own process (spawned: CUDA cannot be forked), `jobs` at a time. A run's progress is in its
+    RUN/log.jsonl; this prints when each starts and ends. The first failure is raised once the others have ended."""
+    pending = [name for name in configs if not (students[name] / RUN_RECORD).is_file()]
+    for name in configs:
+        if name not in pending:  # checked here that it was distilled with the same settings
+            _distilled(configs[name], students[name], made_by[name], show_progress)
+    if not pending:
+        return
+    start = time.monotonic()
+    failures = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_distilled, configs[name], students[name], made_by[name], False): name
+                   for name in pending}
+        if show_progress:
+            print(f"distilling {len(futures)} runs, {jobs} at a time; each run's progress is in its "
+                  f"{Path(configs[pending[0]].output_dir).parent}/RUN/log.jsonl", flush=True)
+        for future in as_completed(futures):
+            name = futures[future]
+            try:
+                future.result()
+            except Exception as error:  # noqa: BLE001 - reported with its run's name, raised below
+                failures.append((name, error))
+                print(f"{name}: failed: {error}", flush=True)
+                continue
+            if show_progress:
+                print(f"{name}: done after {(time.monotonic() - start) / 60:.1f} min", flush=True)
+    if failures:
+        name, error = failures[0]
+        raise RuntimeError(f"{len(failures)} of {len(pending)} distillation runs failed; the first, {name}: "
+                           f"{error}") from error
 
 
 def results_table(report: dict) -> str:

@@ -8,8 +8,9 @@ AutoencoderKL + FlowMatchEulerDiscreteScheduler, and a null CLIP), DIR/encoders/
 randomly initialised: the denoiser learns to read it, as FLUX learnt to read a T5 it did not train), untrained students
 at about 1/4, 1/16 and 1/64 of the teacher's parameters, DIR/models.yaml, and DIR/train_log.jsonl.
 
-Budgets are in steps, not minutes, so a run is reproducible from its seed on any machine (a GPU runs the same command
-faster). Every batch is drawn from generators seeded by (seed, stage, step), so the run needs no random state on disk:
+Budgets are in steps, not minutes, so a run is reproducible from its seed on one machine, and a GPU runs the same
+command faster (`--device auto`, the default, takes the first CUDA device when there is one; the data and the noise are
+drawn on the CPU either way, so both draw the same batches). Every batch is drawn from generators seeded by (seed, stage, step), so the run needs no random state on disk:
 it checkpoints the VAE once trained and the denoiser, its EMA and the optimizer every `--checkpoint-every` steps under
 DIR/work/ (safetensors and JSON), and rerunning the same command resumes where it stopped.
 
@@ -42,6 +43,7 @@ from transformers import CLIPTextModel, T5EncoderModel
 from service.errors import ConfigError
 from service.models.demo import T5Size, _clip_config, build_clip_tokenizer, build_student, build_t5_tokenizer
 from service.models.demo import build_teacher
+from service.models.devices import resolve_device
 from service.models.registry import auto_route, quantized_teacher_entries
 from trainer.checkpoint import load_optimizer, save_optimizer
 from trainer.world.captions import training_scene
@@ -170,12 +172,13 @@ def _draw(seed: int, stage: int, step: int) -> tuple[random.Random, torch.Genera
 
 
 def train_vae(vae: AutoencoderKL, config: WorldConfig, seed: int, log: Path) -> None:
+    device = vae.device
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr)
     start = time.monotonic()
     vae.train()
     for step in range(1, config.vae_steps + 1):
         rng, gen = _draw(seed, 1, step)
-        images, _ = batch(rng, config.vae_batch)
+        images = batch(rng, config.vae_batch)[0].to(device)
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample(gen)).sample
         loss = F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
@@ -187,7 +190,8 @@ def train_vae(vae: AutoencoderKL, config: WorldConfig, seed: int, log: Path) -> 
     vae.eval().requires_grad_(False)
     # Normalise latents to zero mean, unit variance, as FLUX's VAE config does with shift and scaling factors.
     with torch.no_grad():
-        latents = torch.cat([vae.encode(batch(_draw(seed, 2, i)[0], 64)[0]).latent_dist.mean for i in range(16)])
+        latents = torch.cat([vae.encode(batch(_draw(seed, 2, i)[0], 64)[0].to(device)).latent_dist.mean
+                             for i in range(16)])
     vae.register_to_config(shift_factor=latents.mean().item(), scaling_factor=1.0 / latents.std().item())
 
 
@@ -209,15 +213,15 @@ def train_denoiser(transformer: FluxTransformer2DModel, vae: AutoencoderKL, teac
                               f"{name}={now}: resume with the same settings, or train into a new directory",
                               field=name)
         transformer.load_state_dict(load_file(ckpt / "transformer.safetensors"))
-        ema.load_state_dict(load_file(ckpt / "ema.safetensors"))
+        ema.load_state_dict(load_file(ckpt / "ema.safetensors"))  # copied onto the models' device
         load_optimizer(ckpt, optimizer)
         first = json.loads((ckpt / "state.json").read_text())["step"] + 1
         _log(log, stage="denoiser", resumed_at=first)
-    n = config.batch
-    pooled = torch.zeros(n, 32)
+    n, device = config.batch, transformer.device
+    pooled = torch.zeros(n, 32, device=device)
     grid = config.latent_size // 2
-    img_ids = FluxPipeline._prepare_latent_image_ids(1, grid, grid, "cpu", torch.float32)
-    txt_ids = torch.zeros(MAX_TOKENS, 3)
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, grid, grid, device, torch.float32)
+    txt_ids = torch.zeros(MAX_TOKENS, 3, device=device)
     start = time.monotonic()
     transformer.train()
     for step in range(first, config.steps + 1):
@@ -229,14 +233,14 @@ def train_denoiser(transformer: FluxTransformer2DModel, vae: AutoencoderKL, teac
         images, captions = batch(rng, n, dict(config.mix))
         captions = ["" if rng.random() < 0.1 else c for c in captions]
         with torch.no_grad():
-            z = vae.encode(images).latent_dist.mean
+            z = vae.encode(images.to(device)).latent_dist.mean
             z = (z - vae.config.shift_factor) * vae.config.scaling_factor
             x0 = FluxPipeline._pack_latents(z, n, z.shape[1], z.shape[2], z.shape[3])
             ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                             return_tensors="pt").input_ids
-            text = teacher(ids)[0]
-        sigma = torch.sigmoid(torch.randn(n, generator=gen) + config.timestep_mean).view(-1, 1, 1)
-        noise = torch.randn(x0.shape, generator=gen)
+            text = teacher(ids.to(device))[0]
+        sigma = torch.sigmoid(torch.randn(n, generator=gen) + config.timestep_mean).view(-1, 1, 1).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
         x_t = (1 - sigma) * x0 + sigma * noise
         pred = transformer(hidden_states=x_t, timestep=sigma.view(-1), encoder_hidden_states=text,
                            pooled_projections=pooled, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
@@ -296,33 +300,38 @@ def write_untrained_students(directory: Path, tokenizer, seed: int = 0, init: st
 
 
 def train_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), *, seed: int = 0,
-                denoiser_dtype: str = "float16") -> Path:
+                denoiser_dtype: str = "float16", device: str = "auto") -> Path:
     """Train (or resume) the world and write its kit. `denoiser_dtype` is how the kit stores the denoiser's
     weights (float16 halves its bytes); it trains in float32 either way, and the service loads it in the models
-    file's dtype."""
+    file's dtype. `device` is where it trains (`auto`: the first CUDA device when there is one, else the CPU); every
+    model is made and seeded on the CPU and moved there, and the kit is written from the CPU."""
+    where = resolve_device(device)
     out = Path(out_dir)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     log = out / "train_log.jsonl"
-    _log(log, stage="start", seed=seed, config=asdict(config))
+    _log(log, stage="start", seed=seed, config=asdict(config), device=str(where))
 
     # 1. Tokenizers, the frozen teacher T5 and the null CLIP.
     t5_tokenizer, clip_tokenizer = build_t5_tokenizer(), build_clip_tokenizer()
     teacher = build_teacher(t5_tokenizer, seed, size=TEACHER).requires_grad_(False)
     if config.teacher == "local":
         local_attention(teacher)
+    teacher.to(where)
     clip = null_clip(clip_tokenizer)
 
     # 2. The VAE (trained once, then kept in WORK/vae), then the denoiser conditioned on the teacher.
     if (work / "vae" / "config.json").is_file():
-        vae = AutoencoderKL.from_pretrained(work / "vae").eval().requires_grad_(False)
+        vae = AutoencoderKL.from_pretrained(work / "vae").eval().requires_grad_(False).to(where)
     else:
         torch.manual_seed(seed + 1)
-        vae = build_vae(config)
+        vae = build_vae(config).to(where)
         train_vae(vae, config, seed, log)
         vae.save_pretrained(work / "vae")
     torch.manual_seed(seed + 2)
-    transformer = train_denoiser(build_transformer(config), vae, teacher, t5_tokenizer, config, seed, log, work)
+    transformer = train_denoiser(build_transformer(config).to(where), vae, teacher, t5_tokenizer, config, seed,
+                                 log, work).cpu()
+    vae, teacher = vae.cpu(), teacher.cpu()
 
     # 3. The kit: the pipeline, the teacher, untrained students, the models file.
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,

@@ -270,6 +270,23 @@ def test_the_paper_takes_students_already_distilled_with_the_same_settings_and_r
                   show_progress=False)
 
 
+def test_runs_distilled_in_parallel_processes_are_the_runs_distilled_one_after_another(tmp_path, capsys):
+    """`--jobs 2`: each run in its own process gives the very student it gives alone, from its own seed."""
+    from safetensors.torch import load_file
+
+    from trainer.world.paper import run_paper
+
+    runs = (("t5-small", "step-following"),)
+    for name, jobs in (("serial", 1), ("parallel", 2)):
+        run_paper(MINIATURE_KIT.parent, tmp_path / name, max_steps=2, prompts=1, seeds=1, distill_seeds=2, runs=runs,
+                  jobs=jobs, show_progress=jobs > 1)
+    out = capsys.readouterr().out
+    assert "distilling 2 runs, 2 at a time" in out and "t5-small-distilled-seed1: done after" in out
+    for student in ("t5-small-distilled", "t5-small-distilled-seed1"):
+        a, b = (load_file(tmp_path / name / "students" / student / "model.safetensors") for name in ("serial", "parallel"))
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), student
+
+
 def test_an_outlier_kit_draws_the_same_images_from_embeddings_with_a_few_huge_channels(tmp_path, generator, capsys):
     """`t2i world outliers`: the teacher's embeddings get a few channels 50x larger (as real T5 v1.1's have), every
     consumer of them is scaled back, so the teacher draws the same images; a second run into the same directory is

@@ -81,10 +81,18 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
     resumed = _train(tmp_path / "cut")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert '"resumed_at"' in (tmp_path / "cut" / "train_log.jsonl").read_text()
+    start = json.loads((tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()[0])
+    assert start["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
 
     a = load_file(tmp_path / "whole/pipelines/flux/transformer/diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "cut/pipelines/flux/transformer/diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_device_that_does_not_exist_is_refused_before_anything_is_written(tmp_path):
+    refused = _train(tmp_path / "run", "--device", "tpu")
+    assert refused.returncode == 2 and "device 'tpu' is not a device name" in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_denoiser_width_is_a_flag_and_a_resume_with_another_is_refused(tmp_path):
