@@ -10,9 +10,10 @@ at about 1/4, 1/16 and 1/64 of the teacher's parameters, DIR/models.yaml, and DI
 
 Budgets are in steps, not minutes, so a run is reproducible from its seed on one machine, and a GPU runs the same
 command faster (`--device auto`, the default, takes the first CUDA device when there is one; the data and the noise are
-drawn on the CPU either way, so both draw the same batches). Every batch is drawn from generators seeded by (seed, stage, step), so the run needs no random state on disk:
-it checkpoints the VAE once trained and the denoiser, its EMA and the optimizer every `--checkpoint-every` steps under
-DIR/work/ (safetensors and JSON), and rerunning the same command resumes where it stopped.
+drawn on the CPU either way, so both draw the same batches). Every batch is drawn from generators seeded by (seed,
+stage, step), so the run needs no random state on disk: it checkpoints the VAE once trained and the denoiser, its EMA
+and the optimizer every `--checkpoint-every` steps under DIR/work/ (safetensors and JSON), and rerunning the same
+command resumes where it stopped.
 
 Choices: the CLIP slot is a null encoder (its pooled output is zero) so that the T5 encoder alone carries the prompt
 and encoders can be compared sharply; the VAE is a small AutoencoderKL trained first (32x32 -> 16x16x4 by default, 64

@@ -283,7 +283,8 @@ def test_runs_distilled_in_parallel_processes_are_the_runs_distilled_one_after_a
     out = capsys.readouterr().out
     assert "distilling 2 runs, 2 at a time" in out and "t5-small-distilled-seed1: done after" in out
     for student in ("t5-small-distilled", "t5-small-distilled-seed1"):
-        a, b = (load_file(tmp_path / name / "students" / student / "model.safetensors") for name in ("serial", "parallel"))
+        a, b = (load_file(tmp_path / run / "students" / student / "model.safetensors")
+                for run in ("serial", "parallel"))
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), student
 
 
