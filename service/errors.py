@@ -122,6 +122,13 @@ class CancelledError(T2IError):
     http_status = 409
 
 
+class TrainingError(T2IError):
+    """A training run cannot go on (its loss or gradients are no longer finite); its last checkpoint is kept."""
+
+    error_type = "training"
+    http_status = 500
+
+
 class GenerationError(T2IError):
     """Generation failed inside the worker (out of memory, a numerical error, an unexpected exception)."""
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
+from service.errors import TrainingError
 from service.models.devices import set_threads
 from trainer import checkpoint
 from trainer.components import Components, load_student
@@ -92,6 +94,21 @@ def vision_loss(components: Components, trajectory: Trajectory, student, ids: to
                 losses.append(F.mse_loss(v_student.float(), v_teacher.float()).item())
             latents = trajectory.advance(latents, i, v_teacher)
     return sum(losses) / len(losses)
+
+
+def _check_finite(loss: float, grad_norm, step: int, run_dir: Path, config: DistillConfig) -> None:
+    """Stop before a step whose loss or gradients are not finite: it would leave the student's weights NaN, and every
+    later step, checkpoint and export with them. The gradient norm is taken after DDP's all-reduce, so every rank stops
+    at the same step."""
+    norm = float(grad_norm)
+    if math.isfinite(loss) and math.isfinite(norm):
+        return
+    what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
+    hint = (" The denoiser runs in bfloat16 here (`denoiser_dtype` auto on a GPU); --denoiser_dtype=float32 keeps it in "
+            "float32." if config.denoiser_dtype != "float32" and torch.cuda.is_available() else "")
+    raise TrainingError(f"step {step} of {run_dir}: the distillation's {what}, so the run stops before the student's "
+                        f"weights stop being finite (its checkpoints up to here are kept). Run it again into a new "
+                        f"--output_dir with a smaller --lr (now {config.lr}).{hint}", field="lr")
 
 
 def train(config: DistillConfig, *, show_progress: bool = True, stop_after: int | None = None) -> dict:
@@ -218,7 +235,8 @@ def train(config: DistillConfig, *, show_progress: bool = True, stop_after: int 
                             mb["v_teacher"] = v_teacher.detach()
                         accelerator.backward(loss / accum)
                     total += loss.item() / accum
-                accelerator.clip_grad_norm_(student.parameters(), config.max_grad_norm)  # the student's only
+                norm = accelerator.clip_grad_norm_(student.parameters(), config.max_grad_norm)  # the student's only
+                _check_finite(total, norm, step + 1, run_dir, config)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1

@@ -43,6 +43,26 @@ def test_other_modes_train(tiny, mode):
     assert summary["step"] == 24 and all(e["vision_loss"] > 0 for e in summary["eval"])
 
 
+def test_a_step_whose_loss_is_not_finite_stops_the_run_before_its_student_is_spoilt(tiny):
+    """A learning rate so large that the student's outputs overflow after a few steps (at 1e8 they never do in 40): the
+    run stops at the first non-finite step, naming it and the setting; the checkpoint before it is kept and holds
+    finite weights, and none is written from that step on."""
+    from service.errors import TrainingError
+    from trainer.checkpoint import checkpoint_dirs
+
+    config = tiny(lr=2e8, max_steps=40, checkpoint_every=4, eval_every=100)
+    with pytest.raises(TrainingError, match=r"step \d+ of .*: the distillation's (loss|gradient norm) is (nan|inf)") as err:
+        train(config, show_progress=False)
+    assert err.value.field == "lr" and "--lr (now 200000000.0)" in err.value.message
+    stopped = int(err.value.message.split()[1])
+    assert 4 < stopped < 40
+    kept = checkpoint_dirs(config.output_dir)
+    assert kept and all(int(d.name.split("-")[1]) < stopped for d in kept)
+    for d in kept:
+        assert all(bool(t.isfinite().all()) for t in load_file(d / "model.safetensors").values()), d
+
+
+
 def test_the_student_starts_from_the_given_pretrained_weights(tiny, demo_dir, tmp_path):
     """Both a student dir and a plain T5 encoder (wrapped with a fresh projection) keep their weights."""
     from_student = Components(tiny(student=str(demo_dir / "encoders/t5-base")), device=torch.device("cpu"))
