@@ -116,6 +116,10 @@ def train(config: DistillConfig, *, show_progress: bool = True, stop_after: int 
     resumption). Returns a summary: final step, the eval curve, the run dir."""
     # 1. Processes, devices, threads. torchrun / accelerate launch set the world; a plain call is one process.
     set_threads(config.threads)
+    # Accelerate keeps its mixed-precision choice in a process-wide singleton: forget an earlier run's (one that ended
+    # or stopped on an error), so that this one, in the same process (tests, notebooks), may choose another. The process
+    # group (PartialState) stays.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     run_dir = Path(config.output_dir)
@@ -284,9 +288,7 @@ def train(config: DistillConfig, *, show_progress: bool = True, stop_after: int 
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
-    # Accelerate keeps its mixed-precision choice in a process-wide singleton; forget it, so that a later train()
-    # in the same process (tests, notebooks) may choose another. The process group (PartialState) stays.
-    AcceleratorState._reset_state()
+    AcceleratorState._reset_state()  # as at the start, for whatever runs next in this process
     return summary
 
 
