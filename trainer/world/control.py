@@ -70,6 +70,7 @@ def train_controlnet(kit: str | Path, *, steps: int | None = None, minutes: floa
 
     from service.models.devices import resolve_device
 
+    where = resolve_device(device)  # a bad name is refused before the kit's log is touched
     kit = Path(kit).resolve()
     raw = yaml.safe_load((kit / "models.yaml").read_text())
     teacher_name = next(n for n, e in raw["encoders"].items() if e["kind"] == "teacher")
@@ -79,7 +80,6 @@ def train_controlnet(kit: str | Path, *, steps: int | None = None, minutes: floa
     log.write_text("")
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    where = resolve_device(device)
 
     # 1. The kit's frozen parts: VAE, transformer, teacher T5.
     pipe = FluxPipeline.from_pretrained(kit / "pipelines" / "flux", text_encoder_2=None, tokenizer_2=None)
