@@ -137,7 +137,7 @@ def _distilled(config: DistillConfig, target: Path, made_by: dict, show_progress
 def _distil_in_parallel(configs: dict[str, DistillConfig], students: dict[str, Path], made_by: dict[str, dict],
                         jobs: int, show_progress: bool) -> None:
     """Each run in its own process (spawned: CUDA cannot be forked), `jobs` at a time. A run's progress is in its
-    RUN/log.jsonl; this prints when each starts and ends. The first failure is raised once the others have ended."""
+    RUN/log.jsonl; this prints when each ends. The first failure is raised once the others have ended."""
     pending = [name for name in configs if not (students[name] / RUN_RECORD).is_file()]
     for name in configs:
         if name not in pending:  # checked here that it was distilled with the same settings
