@@ -42,10 +42,12 @@ NOTES = {
         "Both routes run the same demo FLUX model with one thread per process, the same prompts and seeds, "
         "interleaved job by job. The stock loop is `FluxPipeline` with its T5 inside; the service encodes outside "
         "the pipeline, queues through Redis, runs in a worker process and answers over HTTP (`?wait=true`). "
-        "Each prompt is served twice, each time after a stock call, in alternating order: through the standard "
-        "library's `http.client` (the figures and the target: the thinnest Python client, so that they are the "
-        "service's) and through httpx (what figures before the fourth round used); the clients table shows what "
-        "httpx's own work adds. "
+        "Two services run side by side, one whose API and worker reach Redis over loopback TCP (as `t2i serve` "
+        "connects them) and one through the server's unix socket. Each prompt is served four times, each time after "
+        "a stock call, in an order that rotates from prompt to prompt: on each service through the standard "
+        "library's `http.client` (the thinnest Python client, so that the figures are the service's) and through "
+        "httpx (what figures before the fourth round used). The figures and the target are TCP's through "
+        "`http.client`; the routes table shows what the other transport and httpx's own work change. "
         "`HTTP + queue` is the client's latency minus the worker's own time for the job. The stage table splits "
         "each job's added latency by the wall-clock stamps the client, the API (`created_at`) and the worker "
         "(`started_at`, `finished_at`, the model stages' timings) take, so the stages sum to the added latency; "
@@ -68,7 +70,9 @@ NOTES = {
         "library's `http.client` (the thinnest Python client, as in the overhead benchmark), and httpx's rows run "
         "beside them on the same services (the figures before the fifth round of the overhead work were httpx's). "
         "What a batch does not share is each job's HTTP request and wait and its PNG encoding (a batch's start "
-        "and finish scripts go in one round trip each)."),
+        "and finish scripts go in one round trip each). The second stock row calls the pipeline with the default "
+        "batch's number of prompts at once, each with its own seed: how much the model itself gains from batching "
+        "on this machine, which bounds what the service's batching can gain."),
     "cache": (
         "A hit returns the very tensor the encoder produced (safetensors bytes in Redis, the tensor itself in "
         "memory), so images are compared for exact equality. A hit in Redis costs a round trip and "
@@ -154,7 +158,8 @@ def _chart_throughput(record: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     labels = [r["route"].replace("service, concurrency 16, ", "service, ").replace(" (sequential)", "")
               + (f" ({r['client']})" if r.get("client", "-") != "-" else "") for r in rows]
-    ax.barh(labels, [r["jobs_per_s"] for r in rows], color=["#888"] + ["#2456d6"] * (len(rows) - 1))
+    ax.barh(labels, [r["jobs_per_s"] for r in rows], color=["#888" if r.get("client", "-") == "-" else "#2456d6"
+                                                            for r in rows])
     ax.set_xlabel("jobs/s")
     ax.invert_yaxis()
     fig.tight_layout()
@@ -170,11 +175,12 @@ def _overhead_details(record: dict) -> list[str]:
         lines += [f"| {k} | {v:.2f} | {record['stages'][k]} |" for k, v in record["stages_p50_ms"].items()] + [""]
     if record.get("clients"):
         stages = [k for k in record["stages"] if k != "generation_vs_stock"]
-        lines += ["The same jobs by client, side by side (p50 ms; CPU time per job of the client's request, the API "
-                  "process and the Redis server, from Linux's scheduler statistics):", "",
-                  "| client | outside the model | " + " | ".join(stages) + " | client CPU | API CPU | Redis CPU |",
-                  "|---" * (len(stages) + 5) + "|"]
-        lines += [f"| {c['client']} | {c['outside_model_p50_ms']:.2f} | "
+        lines += ["The same jobs by route to Redis (the API's and the worker's) and by client, side by side (p50 ms; "
+                  "CPU time per job of the client's request, the API process and the Redis server, from Linux's "
+                  "scheduler statistics):", "",
+                  "| Redis | client | outside the model | " + " | ".join(stages)
+                  + " | client CPU | API CPU | Redis CPU |", "|---" * (len(stages) + 6) + "|"]
+        lines += [f"| {c.get('redis', 'tcp')} | {c['client']} | {c['outside_model_p50_ms']:.2f} | "
                   + " | ".join(f"{c['stages_p50_ms'][k]:.2f}" for k in stages)
                   + f" | {c['client_cpu_ms_per_job']:.2f} | {c['api_cpu_ms_per_job']:.2f} | "
                   f"{c['redis_cpu_ms_per_job']:.2f} |" for c in record["clients"]] + [""]
@@ -182,9 +188,10 @@ def _overhead_details(record: dict) -> list[str]:
         lines += _table(record["png_1024"]) + [""]
     if record.get("redis_round_trip"):
         trip = record["redis_round_trip"]
-        lines += [f"A Redis round trip (PING, p50) costs {trip['busy_us']:.0f} us from a process that was just busy "
-                  f"and {trip['idle_us']:.0f} us from one that slept 5 ms first, as each process on a job's path does "
-                  "between its turns.", ""]
+        lines += [f"A Redis round trip (PING, p50) costs {trip['tcp_busy_us']:.0f} us over loopback TCP from a process "
+                  f"that was just busy and {trip['tcp_idle_us']:.0f} us from one that slept 5 ms first, as each "
+                  f"process on a job's path does between its turns; through the server's unix socket, "
+                  f"{trip['unix_busy_us']:.0f} and {trip['unix_idle_us']:.0f} us.", ""]
     if record.get("wake_penalty"):
         wake = record["wake_penalty"]
         lines += [f"Code that has just woken runs slower: the API's building of a job's view and its JSON takes "
@@ -245,6 +252,10 @@ def render(out_dir: Path) -> Path:
                 lines += ["![jobs per second](benchmarks/throughput.png)", ""]
                 if "httpx_on_vs_off" in record:
                     lines += [f"Through httpx, batching on against off: {record['httpx_on_vs_off']:.2f}x.", ""]
+                if "model_batching_gain" in record:
+                    lines += [f"The stock pipeline alone gains {record['model_batching_gain']:.2f}x from batching on "
+                              f"this machine (its prompts in calls of the default batch, against one by one); the "
+                              f"service's on/off ratio is {record['share_of_model_gain']:.0%} of that gain.", ""]
             if name == "overhead":
                 if "outside_model_p50_ms" in record:
                     lines += [f"Added latency per job (p50): **{record['outside_model_p50_ms']:.1f} ms** outside the "

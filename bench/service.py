@@ -1,7 +1,8 @@
 """The service against the stock diffusers pipeline, on the demo models (one CPU thread per process):
 
 - overhead: the same prompts and seeds, sequential, through a plain loop calling the stock `FluxPipeline` (T5 inside
-  it) vs through HTTP + queue + worker. Target: p50 added latency per job <= 5 ms.
+  it) vs through HTTP + queue + worker, with the API and worker reaching Redis over loopback TCP (as `t2i serve`
+  connects them) and, beside it, through the server's unix socket. Target: p50 added latency per job <= 5 ms.
 - throughput: concurrency 16, dynamic batching off (T2I_MAX_BATCH=1) vs on (4, and 8: the default), and the plain
   loop. Target: >= 3x jobs/s with batching on vs off, and a p95 latency no worse than the unbatched p95.
 - startup: from spawning a worker to its first heartbeat (ready), and the first job's latency against a warm one.
@@ -27,16 +28,20 @@ import httpx
 
 from bench.common import percentile, save, target
 from service.redis_server import EmbeddedRedis, free_port
+from service.settings import Settings
 
 STEPS, SIZE = 4, 64
 
 
 class Service:
-    """An embedded Redis, one API and one worker, as local processes on 127.0.0.1, stopped by their pids."""
+    """An embedded Redis, one API and one worker, as local processes on 127.0.0.1, stopped by their pids. The API
+    and the worker reach Redis over loopback TCP (`transport="tcp"`, as `t2i serve` connects them) or through its
+    unix socket (`transport="unix"`)."""
 
-    def __init__(self, models_file: Path, worker_env: dict[str, str], workdir: Path):
+    def __init__(self, models_file: Path, worker_env: dict[str, str], workdir: Path, transport: str = "tcp"):
         self.redis = EmbeddedRedis().start()
-        self.env = {**os.environ, "T2I_REDIS_URL": self.redis.url, "T2I_MODELS_FILE": str(models_file),
+        url = {"unix": self.redis.local_url, "tcp": self.redis.url}[transport]
+        self.env = {**os.environ, "T2I_REDIS_URL": url, "T2I_MODELS_FILE": str(models_file),
                     "T2I_THREADS": "1", "HF_HUB_OFFLINE": "1", "T2I_WORKER_METRICS_PORT": "0",
                     "T2I_MAX_QUEUE": "10000"}
         self.workdir = workdir
@@ -51,7 +56,7 @@ class Service:
         self.worker_ready_s = time.perf_counter() - self.worker_spawned
 
     def _spawn(self, args: list[str], env: dict[str, str]) -> None:
-        log = open(self.workdir / f"{args[0]}-{len(self.procs)}.log", "w")
+        log = open(self.workdir / f"{args[0]}-{id(self)}-{len(self.procs)}.log", "w")
         self.procs.append(subprocess.Popen([sys.executable, "-m", "service.cli", *args], env={**self.env, **env},
                                            stdout=log, stderr=subprocess.STDOUT))
 
@@ -148,6 +153,18 @@ def plain_call(pipe, prompt: str, seed: int) -> float:
     start = time.perf_counter()
     pipe(prompt=prompt, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=3.5,
          generator=torch.Generator("cpu").manual_seed(seed), max_sequence_length=32, output_type="pil")
+    return time.perf_counter() - start
+
+
+def plain_batch(pipe, items: list[tuple[int, str]]) -> float:
+    """One stock call for several prompts, each with its own seed's generator: what batching can gain in the model
+    itself, with no service around it."""
+    import torch
+
+    start = time.perf_counter()
+    pipe(prompt=[p for _, p in items], height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=3.5,
+         generator=[torch.Generator("cpu").manual_seed(i) for i, _ in items], max_sequence_length=32,
+         output_type="pil")
     return time.perf_counter() - start
 
 
@@ -266,24 +283,28 @@ def png_levels(reps: int = 5) -> list[dict]:
 
 def round_trips(n: int = 400) -> dict:
     """One Redis round trip (PING) from a process that has just been busy against one from a process that has slept
-    5 ms (as every process on the job's path has, between its turns), interleaved, p50 in microseconds: what a
-    hand-off between two processes costs on this machine beyond the work itself."""
+    5 ms (as every process on the job's path has, between its turns), over loopback TCP and through the server's
+    unix socket, interleaved, p50 in microseconds: what a hand-off between two processes costs on this machine
+    beyond the work itself, by transport."""
     import redis
 
     with EmbeddedRedis() as server:
-        client = redis.Redis.from_url(server.url)
-        client.ping()
-        busy, idle = [], []
-        for _ in range(n):
-            start = time.perf_counter()
-            client.ping()
-            busy.append(time.perf_counter() - start)
-            time.sleep(0.005)
-            start = time.perf_counter()
-            client.ping()
-            idle.append(time.perf_counter() - start)
-        client.close()
-    return {"busy_us": percentile(busy, 50) * 1e6, "idle_us": percentile(idle, 50) * 1e6}
+        clients = {"tcp": redis.Redis.from_url(server.url), "unix": redis.Redis.from_url(server.local_url)}
+        times: dict[str, list[float]] = {f"{name}_{when}": [] for name in clients for when in ("busy", "idle")}
+        for i in range(n):
+            for name in (("tcp", "unix") if i % 2 == 0 else ("unix", "tcp")):
+                client = clients[name]
+                client.ping()
+                start = time.perf_counter()
+                client.ping()
+                times[f"{name}_busy"].append(time.perf_counter() - start)
+                time.sleep(0.005)
+                start = time.perf_counter()
+                client.ping()
+                times[f"{name}_idle"].append(time.perf_counter() - start)
+        for client in clients.values():
+            client.close()
+    return {f"{key}_us": percentile(values, 50) * 1e6 for key, values in times.items()}
 
 
 def cpu_ns(pid: int) -> int:
@@ -318,82 +339,98 @@ def wake_penalty(reps: int = 200) -> dict:
 
 
 def run_overhead(tiny: bool = False) -> dict:
-    """Set BENCH_PROFILE=DIR to sample the API and the worker with py-spy during the served jobs as well.
+    """Set BENCH_PROFILE=DIR to sample the API and the worker (of the service the figure is taken on) with py-spy
+    during the served jobs as well.
 
-    Each prompt is served twice, through the standard library's client (the figure the target is checked on) and
-    through httpx (what the earlier figures used), each call after a stock call, in alternating order."""
+    Two services run side by side: one whose API and worker reach Redis over loopback TCP (as `t2i serve` connects
+    them: the figure and the target) and one through the server's unix socket. Each prompt is served four times, on
+    each service through the standard library's client and through httpx (what figures before the fourth round
+    used), each call after a stock call, in an order that rotates from prompt to prompt."""
     n = 10 if tiny else 150
     profile_dir = os.environ.get("BENCH_PROFILE")
     profiles: dict[str, list[dict]] = {}
-    names = ("http.client", "httpx")
+    routes = [(transport, client) for transport in ("tcp", "unix") for client in ("http.client", "httpx")]
     with tempfile.TemporaryDirectory() as tmp:
         kit = demo_kit(Path(tmp))
         pipe = stock_pipeline(kit)
         plain_call(pipe, "warm up", 0)
-        service = Service(kit / "models.yaml", {"T2I_EMBEDDING_CACHE": "false"}, Path(tmp))
+        services: dict[str, Service] = {}
         try:
-            with PlainClient(service.url, 120) as lean, httpx.Client(base_url=service.url, timeout=120) as full:
-                clients = dict(zip(names, (lean, full)))
-                for client in clients.values():
-                    service.generate(client, "warm up", 0)
-                pids = {"api": service.pids["api"], "redis": service.redis.process.pid}
-                samplers = profile(service.pids, Path(profile_dir)) if profile_dir else []
-                plain: list[float] = []
-                runs = {name: {"served": [], "worker": [], "split": [], "client_cpu": [], "api_cpu": [],
-                               "redis_cpu": []} for name in names}
-                for i, prompt in enumerate(prompts(n)):  # interleaved: every route sees the same machine state
-                    for name in (names if i % 2 == 0 else names[::-1]):
-                        plain.append(plain_call(pipe, prompt, i))
-                        run, before = runs[name], {k: cpu_ns(p) for k, p in pids.items()}
-                        own = time.thread_time()
-                        elapsed, job = service.generate(clients[name], prompt, i)
-                        run["client_cpu"].append(time.thread_time() - own)
-                        for k, p in pids.items():
-                            run[f"{k}_cpu"].append((cpu_ns(p) - before[k]) / 1e9)
-                        run["served"].append(elapsed)
-                        run["worker"].append(job["timings"]["total"])
-                        run["split"].append(stages(job, plain[-1]))
-                for sampler in samplers:
-                    sampler.send_signal(signal.SIGINT)
-                    sampler.wait(60)
-                if profile_dir:
-                    profiles = {name: top_frames(Path(profile_dir) / f"{name}.txt") for name in ("api", "worker")}
+            for transport in ("tcp", "unix"):
+                services[transport] = Service(kit / "models.yaml", {"T2I_EMBEDDING_CACHE": "false"}, Path(tmp),
+                                              transport=transport)
+            clients: dict[tuple[str, str], object] = {}
+            for transport, client in routes:
+                url = services[transport].url
+                clients[(transport, client)] = (PlainClient(url, 120) if client == "http.client"
+                                                else httpx.Client(base_url=url, timeout=120))
+            for route, client in clients.items():
+                services[route[0]].generate(client, "warm up", 0)
+            figure = services["tcp"]
+            samplers = profile(figure.pids, Path(profile_dir)) if profile_dir else []
+            plain: list[float] = []
+            runs = {route: {"served": [], "worker": [], "split": [], "client_cpu": [], "api_cpu": [],
+                            "redis_cpu": []} for route in routes}
+            for i, prompt in enumerate(prompts(n)):  # rotating: every route sees the same machine state
+                for route in routes[i % len(routes):] + routes[:i % len(routes)]:
+                    service = services[route[0]]
+                    pids = {"api": service.pids["api"], "redis": service.redis.process.pid}
+                    plain.append(plain_call(pipe, prompt, i))
+                    run, before = runs[route], {k: cpu_ns(p) for k, p in pids.items()}
+                    own = time.thread_time()
+                    elapsed, job = service.generate(clients[route], prompt, i)
+                    run["client_cpu"].append(time.thread_time() - own)
+                    for k, p in pids.items():
+                        run[f"{k}_cpu"].append((cpu_ns(p) - before[k]) / 1e9)
+                    run["served"].append(elapsed)
+                    run["worker"].append(job["timings"]["total"])
+                    run["split"].append(stages(job, plain[-1]))
+            for sampler in samplers:
+                sampler.send_signal(signal.SIGINT)
+                sampler.wait(60)
+            if profile_dir:
+                profiles = {name: top_frames(Path(profile_dir) / f"{name}.txt") for name in ("api", "worker")}
+            for client in clients.values():
+                client.__exit__(None, None, None)
         finally:
-            service.stop()
+            for service in services.values():
+                service.stop()
     p50_plain = percentile(plain, 50)
-    by_client = []
-    for name in names:
-        run = runs[name]
+    by_route = []
+    for transport, client in routes:
+        run = runs[(transport, client)]
         # What the service adds around the model, job by job: the stock call's own time varies by several ms from
         # call to call, so served-minus-stock is the noisier figure; this one never credits a model call that ran
         # faster.
-        by_client.append({
-            "client": name, "p50_s": percentile(run["served"], 50), "p95_s": percentile(run["served"], 95),
+        by_route.append({
+            "redis": transport, "client": client, "p50_s": percentile(run["served"], 50),
+            "p95_s": percentile(run["served"], 95),
             "outside_model_p50_ms": percentile([sum(v for k, v in s.items() if k != "generation_vs_stock")
                                                 for s in run["split"]], 50) * 1000,
             "stages_p50_ms": {k: percentile([s[k] for s in run["split"]], 50) * 1000 for k in STAGES},
             **{f"{k}_ms_per_job": sum(run[k]) / len(run[k]) * 1000 for k in ("client_cpu", "api_cpu", "redis_cpu")},
         })
-    lean = by_client[0]
-    for row in by_client:
-        print(f"  {row['client']}: added latency by stage (p50, ms): "
+    lean, lean_run = by_route[0], runs[routes[0]]
+    for row in by_route:
+        print(f"  Redis over {row['redis']}, {row['client']}: added latency by stage (p50, ms): "
               + ", ".join(f"{k} {v:.2f}" for k, v in row["stages_p50_ms"].items())
               + f"; outside the model {row['outside_model_p50_ms']:.2f}")
     record = {
-        "command": "python -m bench run overhead" + (" --tiny" if tiny else ""), "jobs": n * len(names),
+        "command": "python -m bench run overhead" + (" --tiny" if tiny else ""), "jobs": n * len(routes),
         "setting": f"demo FLUX kit, {SIZE}x{SIZE}, {STEPS} steps, 1 thread per process, sequential, interleaved, "
                    "worker with batching on as by default (T2I_MAX_BATCH=8) and the embedding cache off (every prompt "
-                   "is new); the figures and the target are the standard library's client's (`http.client`)",
+                   "is new); the figures and the target are those of the API and worker reaching Redis over loopback "
+                   "TCP (as `t2i serve` connects them) and of the standard library's client (`http.client`)",
         "rows": [
             {"route": "stock FluxPipeline loop", "p50_s": p50_plain, "p95_s": percentile(plain, 95)},
-            *({"route": f"HTTP + queue + worker ({row['client']})", "p50_s": row["p50_s"], "p95_s": row["p95_s"]}
-              for row in by_client),
-            {"route": "  of which inside the worker", "p50_s": percentile(runs[names[0]]["worker"], 50),
-             "p95_s": percentile(runs[names[0]]["worker"], 95)},
+            *({"route": f"HTTP + queue + worker (Redis over {row['redis']}, {row['client']})", "p50_s": row["p50_s"],
+               "p95_s": row["p95_s"]} for row in by_route),
+            {"route": "  of which inside the worker (tcp, http.client)", "p50_s": percentile(lean_run["worker"], 50),
+             "p95_s": percentile(lean_run["worker"], 95)},
         ],
         "added_p50_ms": (lean["p50_s"] - p50_plain) * 1000, "outside_model_p50_ms": lean["outside_model_p50_ms"],
-        "http_and_queue_p50_ms": (lean["p50_s"] - percentile(runs[names[0]]["worker"], 50)) * 1000,
-        "stages_p50_ms": lean["stages_p50_ms"], "stages": STAGES, "clients": by_client, "profile": profiles,
+        "http_and_queue_p50_ms": (lean["p50_s"] - percentile(lean_run["worker"], 50)) * 1000,
+        "stages_p50_ms": lean["stages_p50_ms"], "stages": STAGES, "clients": by_route, "profile": profiles,
         "png_1024": png_levels(2 if tiny else 5), "redis_round_trip": round_trips(50 if tiny else 400),
         "wake_penalty": wake_penalty(20 if tiny else 200),
         "targets": [target("p50 added latency per job, outside the model", lean["outside_model_p50_ms"], "<=", 5,
@@ -446,6 +483,15 @@ def run_throughput(tiny: bool = False) -> dict:
         rows.append({"route": "stock FluxPipeline loop (sequential)", "client": "-", "jobs_per_s": (n // 2) / (
                      time.perf_counter() - start), "p50_s": percentile(plain, 50), "p95_s": percentile(plain, 95),
                      "mean_batch": 1.0})
+        # The model's own gain from batching: the same pipeline called with the default batch's number of prompts at
+        # once. The service's on/off ratio cannot exceed it by much, whatever the service does around the model.
+        default = Settings().max_batch
+        items = list(enumerate(prompts(n // 2)))
+        start = time.perf_counter()
+        calls = [plain_batch(pipe, items[k:k + default]) for k in range(0, len(items), default)]
+        rows.append({"route": f"stock FluxPipeline, {default} prompts per call", "client": "-",
+                     "jobs_per_s": len(items) / (time.perf_counter() - start), "p50_s": percentile(calls, 50),
+                     "p95_s": percentile(calls, 95), "mean_batch": float(default)})
         del pipe
         for max_batch in (1, 4, 8):
             service = Service(kit / "models.yaml", {"T2I_MAX_BATCH": str(max_batch), "T2I_EMBEDDING_CACHE": "false"},
@@ -460,14 +506,11 @@ def run_throughput(tiny: bool = False) -> dict:
                                  "p95_s": percentile(latencies, 95), "mean_batch": sum(batches) / len(batches)})
             finally:
                 service.stop()
-    from service.settings import Settings
-
-    default = Settings().max_batch  # batching as it is on by default
-
     def row(max_batch: int, client: str) -> dict:
         return next(r for r in rows if r["route"].endswith(f"T2I_MAX_BATCH={max_batch}") and r["client"] == client)
 
     off, on = row(1, "http.client"), row(default, "http.client")
+    model_gain = rows[1]["jobs_per_s"] / rows[0]["jobs_per_s"]
     record = {
         "command": "python -m bench run throughput" + (" --tiny" if tiny else ""), "jobs": n,
         "concurrency": concurrency,
@@ -479,6 +522,8 @@ def run_throughput(tiny: bool = False) -> dict:
             target(f"p95 latency, batching on (default, {default}) vs off", on["p95_s"] / off["p95_s"], "<=", 1, "x"),
         ],
         "httpx_on_vs_off": row(default, "httpx")["jobs_per_s"] / row(1, "httpx")["jobs_per_s"],
+        "model_batching_gain": model_gain,
+        "share_of_model_gain": on["jobs_per_s"] / off["jobs_per_s"] / model_gain,
     }
     save("throughput", record)
     return record

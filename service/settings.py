@@ -26,7 +26,8 @@ class Settings(BaseSettings):
 
     # -- service -----------------------------------------------------------------------------------------------
     redis_url: str | None = Field(
-        None, description="redis:// or rediss:// URL. Unset: `t2i serve` starts an embedded server."
+        None, description="redis://, rediss:// or unix:// URL (unix:///path/redis.sock?db=0). Unset: `t2i serve` "
+        "starts an embedded server."
     )
     host: str = Field("127.0.0.1", description="Address the API binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port the API binds.")

@@ -92,7 +92,10 @@ class Worker:
                     self.generator.denoiser(pipeline).check_encoder_width(name, row.width)
 
         # 2. Connect, and make sure the consumer groups exist.
-        client = redis.Redis.from_url(self.settings.redis_url, health_check_interval=10, socket_keepalive=True)
+        #    TCP keep-alive finds a dead peer across a network; a unix socket (a Redis on this host) has no such option.
+        tcp = not self.settings.redis_url.startswith("unix:")
+        client = redis.Redis.from_url(self.settings.redis_url, health_check_interval=10,
+                                      **({"socket_keepalive": True} if tcp else {}))
         streams = [stream_key(p, e) for p in self.pipelines for e in self.encoder_names]
         self.consumer = Consumer(client, self.worker_id, streams,
                                  visibility_timeout_s=self.settings.visibility_timeout_s,

@@ -24,6 +24,10 @@ def test_every_benchmark_runs_on_tiny_settings_and_the_report_renders(tmp_path):
         for t in record["targets"]:
             assert set(t) >= {"name", "value", "target", "met"}
     assert json.loads((out / "cache.json").read_text())["identical_images"] is True
+    overhead = json.loads((out / "overhead.json").read_text())  # Redis through its unix socket and over TCP
+    assert {(c["redis"], c["client"]) for c in overhead["clients"]} == {
+        (t, c) for t in ("unix", "tcp") for c in ("http.client", "httpx")}
+    assert set(overhead["redis_round_trip"]) == {f"{t}_{w}_us" for t in ("tcp", "unix") for w in ("busy", "idle")}
     (out / "gpu.json").write_text((out / "gpu-tiny.json").read_text())  # the report's gpu section, from the check
     report = render(out).read_text()
     assert f"Machine: {machine()['cpu']} ({machine()['cpu_id']}), " in report

@@ -315,3 +315,24 @@ def test_a_wait_outlasts_a_job_longer_than_redis_clients_default_socket_timeout(
     job = response.json()
     assert job["status"] == "succeeded" and job["timings"]["total"] > 5, job  # the job outlasted 5 s
 
+
+
+def test_an_api_and_a_worker_serve_through_the_servers_unix_socket(redis_server, models_file, tmp_path):
+    """`T2I_REDIS_URL=unix:///path/redis.sock?db=N` (a Redis on the same host): both processes connect through the
+    socket, none over TCP (the worker's TCP keep-alive is asked for on TCP only), and a job runs."""
+    url = redis_server.local_url.replace("db=0", "db=5")
+    assert url.startswith("unix://"), url
+    stack = Stack(url, models_file, tmp_path)
+    stack.redis.flushdb()
+    try:
+        api_url = stack.start_api()
+        stack.start_worker()
+        with httpx.Client(base_url=api_url, timeout=120) as api:
+            done = api.post("/v1/generate?encoder=t5-small&wait=true", json={"prompt": "a red circle", "steps": 2})
+        assert done.status_code == 200 and done.json()["status"] == "succeeded", done.text
+        clients = [c for c in stack.redis.client_list() if c["db"] == "5"]
+        assert len(clients) >= 3, clients  # the API's, the worker's and its cancel listener's, and this test's
+        assert all(str(redis_server.socket_path) in c["addr"] for c in clients), clients
+    finally:
+        stack.stop_all()
+        stack.redis.flushdb()
