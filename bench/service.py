@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import os
@@ -350,51 +351,46 @@ def run_overhead(tiny: bool = False) -> dict:
     profile_dir = os.environ.get("BENCH_PROFILE")
     profiles: dict[str, list[dict]] = {}
     routes = [(transport, client) for transport in ("tcp", "unix") for client in ("http.client", "httpx")]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:  # clients closed, then services
         kit = demo_kit(Path(tmp))
         pipe = stock_pipeline(kit)
         plain_call(pipe, "warm up", 0)
         services: dict[str, Service] = {}
-        try:
-            for transport in ("tcp", "unix"):
-                services[transport] = Service(kit / "models.yaml", {"T2I_EMBEDDING_CACHE": "false"}, Path(tmp),
-                                              transport=transport)
-            clients: dict[tuple[str, str], object] = {}
-            for transport, client in routes:
-                url = services[transport].url
-                clients[(transport, client)] = (PlainClient(url, 120) if client == "http.client"
-                                                else httpx.Client(base_url=url, timeout=120))
-            for route, client in clients.items():
-                services[route[0]].generate(client, "warm up", 0)
-            figure = services["tcp"]
-            samplers = profile(figure.pids, Path(profile_dir)) if profile_dir else []
-            plain: list[float] = []
-            runs = {route: {"served": [], "worker": [], "split": [], "client_cpu": [], "api_cpu": [],
-                            "redis_cpu": []} for route in routes}
-            for i, prompt in enumerate(prompts(n)):  # rotating: every route sees the same machine state
-                for route in routes[i % len(routes):] + routes[:i % len(routes)]:
-                    service = services[route[0]]
-                    pids = {"api": service.pids["api"], "redis": service.redis.process.pid}
-                    plain.append(plain_call(pipe, prompt, i))
-                    run, before = runs[route], {k: cpu_ns(p) for k, p in pids.items()}
-                    own = time.thread_time()
-                    elapsed, job = service.generate(clients[route], prompt, i)
-                    run["client_cpu"].append(time.thread_time() - own)
-                    for k, p in pids.items():
-                        run[f"{k}_cpu"].append((cpu_ns(p) - before[k]) / 1e9)
-                    run["served"].append(elapsed)
-                    run["worker"].append(job["timings"]["total"])
-                    run["split"].append(stages(job, plain[-1]))
-            for sampler in samplers:
-                sampler.send_signal(signal.SIGINT)
-                sampler.wait(60)
-            if profile_dir:
-                profiles = {name: top_frames(Path(profile_dir) / f"{name}.txt") for name in ("api", "worker")}
-            for client in clients.values():
-                client.__exit__(None, None, None)
-        finally:
-            for service in services.values():
-                service.stop()
+        for transport in ("tcp", "unix"):
+            services[transport] = Service(kit / "models.yaml", {"T2I_EMBEDDING_CACHE": "false"}, Path(tmp),
+                                          transport=transport)
+            running.callback(services[transport].stop)
+        clients: dict[tuple[str, str], object] = {}
+        for transport, client in routes:
+            url = services[transport].url
+            clients[(transport, client)] = running.enter_context(
+                PlainClient(url, 120) if client == "http.client" else httpx.Client(base_url=url, timeout=120))
+        for route, client in clients.items():
+            services[route[0]].generate(client, "warm up", 0)
+        figure = services["tcp"]
+        samplers = profile(figure.pids, Path(profile_dir)) if profile_dir else []
+        plain: list[float] = []
+        runs = {route: {"served": [], "worker": [], "split": [], "client_cpu": [], "api_cpu": [],
+                        "redis_cpu": []} for route in routes}
+        for i, prompt in enumerate(prompts(n)):  # rotating: every route sees the same machine state
+            for route in routes[i % len(routes):] + routes[:i % len(routes)]:
+                service = services[route[0]]
+                pids = {"api": service.pids["api"], "redis": service.redis.process.pid}
+                plain.append(plain_call(pipe, prompt, i))
+                run, before = runs[route], {k: cpu_ns(p) for k, p in pids.items()}
+                own = time.thread_time()
+                elapsed, job = service.generate(clients[route], prompt, i)
+                run["client_cpu"].append(time.thread_time() - own)
+                for k, p in pids.items():
+                    run[f"{k}_cpu"].append((cpu_ns(p) - before[k]) / 1e9)
+                run["served"].append(elapsed)
+                run["worker"].append(job["timings"]["total"])
+                run["split"].append(stages(job, plain[-1]))
+        for sampler in samplers:
+            sampler.send_signal(signal.SIGINT)
+            sampler.wait(60)
+        if profile_dir:
+            profiles = {name: top_frames(Path(profile_dir) / f"{name}.txt") for name in ("api", "worker")}
     p50_plain = percentile(plain, 50)
     by_route = []
     for transport, client in routes:
