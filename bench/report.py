@@ -180,7 +180,7 @@ def _overhead_details(record: dict) -> list[str]:
                   "scheduler statistics):", "",
                   "| Redis | client | outside the model | " + " | ".join(stages)
                   + " | client CPU | API CPU | Redis CPU |", "|---" * (len(stages) + 6) + "|"]
-        lines += [f"| {c.get('redis', 'tcp')} | {c['client']} | {c['outside_model_p50_ms']:.2f} | "
+        lines += [f"| {c['redis']} | {c['client']} | {c['outside_model_p50_ms']:.2f} | "
                   + " | ".join(f"{c['stages_p50_ms'][k]:.2f}" for k in stages)
                   + f" | {c['client_cpu_ms_per_job']:.2f} | {c['api_cpu_ms_per_job']:.2f} | "
                   f"{c['redis_cpu_ms_per_job']:.2f} |" for c in record["clients"]] + [""]

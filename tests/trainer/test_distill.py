@@ -62,7 +62,6 @@ def test_a_step_whose_loss_is_not_finite_stops_the_run_before_its_student_is_spo
         assert all(bool(t.isfinite().all()) for t in load_file(d / "model.safetensors").values()), d
 
 
-
 def test_the_student_starts_from_the_given_pretrained_weights(tiny, demo_dir, tmp_path):
     """Both a student dir and a plain T5 encoder (wrapped with a fresh projection) keep their weights."""
     from_student = Components(tiny(student=str(demo_dir / "encoders/t5-base")), device=torch.device("cpu"))
