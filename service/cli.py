@@ -395,6 +395,8 @@ def cmd_world_train(args: argparse.Namespace) -> None:
         given["mix"] = _caption_mix(args.mix)
     if args.teacher is not None:
         given["teacher"] = args.teacher
+    if args.precision is not None:
+        given["precision"] = args.precision
     config = WorldConfig(**given)
     out = train_world(args.output, config, seed=args.seed, denoiser_dtype=args.denoiser_dtype, device=args.device)
     print(f"wrote the miniature world's model kit to {out}; use it with T2I_MODELS_FILE={out / 'models.yaml'}")
@@ -736,6 +738,10 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--teacher", choices=("random", "local"),
                     help="the frozen teacher T5's attention: local (default: heads biased to the previous, next and "
                          "same word, so that each output carries its neighbours) or random as initialised")
+    wt.add_argument("--precision", choices=("float32", "bfloat16"),
+                    help="the denoiser's training arithmetic (default float32; bfloat16 runs its passes under "
+                         "autocast, weights and optimizer in float32: faster on a GPU or a CPU with AVX-512 BF16, "
+                         "slower on one without)")
     wt.add_argument("--denoiser-dtype", choices=("float32", "float16"), default="float16",
                     help="how the kit stores the denoiser's weights (default float16: half the bytes of float32; "
                          "it trains in float32 either way and loads in the models file's dtype)")

@@ -147,13 +147,33 @@ def test_the_timestep_location_is_recorded_and_a_resume_with_another_is_refused(
     assert shifted.returncode == 0, shifted.stderr[-2000:]
     recipe = json.loads((tmp_path / "run/work/denoiser/state.json").read_text())["recipe"]
     assert recipe == {"timestep_mean": 0.8, "mix": {"single": 0.15, "count": 0.45, "relation": 0.25, "text": 0.15},
-                      "teacher": "local", "batch": 64}  # the shipped kit's mix, teacher and batch
+                      "teacher": "local", "batch": 64, "precision": "float32"}  # the shipped kit's
     assert yaml.safe_load((tmp_path / "run/models.yaml").read_text())["pipelines"]["flux"]["true_cfg_scale"] == 1.0
     other = _train(tmp_path / "run")  # the default, 1.0
     assert other.returncode == 2 and "timestep_mean=0.8" in other.stderr and "timestep_mean=1.0" in other.stderr, \
         other.stderr[-2000:]
     out_of_range = _train(tmp_path / "far", "--timestep-mean", "9")
     assert out_of_range.returncode == 2 and "within [-3, 3]" in out_of_range.stderr, out_of_range.stderr[-2000:]
+
+
+def test_bfloat16_training_is_recorded_changes_the_arithmetic_and_a_resume_in_float32_is_refused(tmp_path):
+    import json
+
+    fast, full = _train(tmp_path / "run", "--precision", "bfloat16"), _train(tmp_path / "full")
+    assert fast.returncode == 0 and full.returncode == 0, (fast.stderr + full.stderr)[-2000:]
+    assert json.loads((tmp_path / "run/work/denoiser/state.json").read_text())["recipe"]["precision"] == "bfloat16"
+    # the same seed and batches: finite weights that moved differently from the float32 run's
+    bf16, fp32 = (load_file(tmp_path / d / "work/denoiser/transformer.safetensors") for d in ("run", "full"))
+    assert all(torch.isfinite(t).all() for t in bf16.values())
+    assert any(not torch.equal(bf16[k], fp32[k]) for k in fp32)
+    # the kit stores the denoiser as asked (float16), whatever the training arithmetic
+    kit = load_file(tmp_path / "run/pipelines/flux/transformer/diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in kit.values()} == {torch.float16}
+    other = _train(tmp_path / "run")  # the default, float32
+    assert other.returncode == 2 and "precision=bfloat16" in other.stderr and "precision=float32" in other.stderr, \
+        other.stderr[-2000:]
+    wrong = _train(tmp_path / "none", "--precision", "float8")
+    assert wrong.returncode == 2 and "--precision" in wrong.stderr, wrong.stderr[-2000:]
 
 
 def test_the_caption_mix_draws_its_kinds_in_proportion():
