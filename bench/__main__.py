@@ -20,6 +20,7 @@ BENCHMARKS = {  # name -> (module, function)
     "startup": ("bench.service", "run_startup"),
     "cache": ("bench.cache", "run"),
     "trainer": ("bench.trainer", "run"),
+    "world": ("bench.world", "run"),
     "gpu": ("bench.gpu", "run"),
 }
 DEFAULT = [n for n in BENCHMARKS if n != "gpu"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ORDER = ("encoders", "quantized", "overhead", "throughput", "cache", "trainer", "startup", "gpu")
+ORDER = ("encoders", "quantized", "overhead", "throughput", "cache", "trainer", "world", "startup", "gpu")
 TITLES = {
     "encoders": "Encoder cost at real sizes (CPU)",
     "quantized": "Quantized T5-XXL beside the distilled students (CPU)",
@@ -13,6 +13,7 @@ TITLES = {
     "throughput": "Throughput and dynamic batching",
     "cache": "Prompt-embedding cache",
     "trainer": "Trainer: teacher-embedding cache vs live teacher",
+    "world": "Miniature world: denoiser training in float32 and bfloat16",
     "startup": "Worker startup",
     "gpu": "GPU: real-size FLUX.1 and SD3.5 Large",
 }
@@ -81,6 +82,12 @@ NOTES = {
         "`t2i distill cache-teacher` writes the teacher's embeddings (and its trajectories) once; training then "
         "never loads the teacher. The teacher here is widened to ~100 M parameters so that its weights stand out "
         "from the process's other memory."),
+    "world": (
+        "`t2i world train --precision bfloat16` runs the denoiser's forward and backward passes under bfloat16 "
+        "autocast; its weights, optimizer state and EMA stay float32. Each row is the trainer's own loop, data "
+        "drawing, VAE encoding and the teacher included, so the ratio is what a whole run gains. Whether it gains "
+        "depends on the hardware: a CPU without bfloat16 arithmetic emulates it. What the arithmetic does to the "
+        "kit's accuracy is measured on validation prompts in docs/miniature.md."),
     "startup": (
         "From spawning `t2i worker` to its first heartbeat (it loads every served denoiser first, so it is ready "
         "when it says so), then the first job (which loads its encoder) against a warm one."),

@@ -31,8 +31,8 @@ def test_every_benchmark_runs_on_tiny_settings_and_the_report_renders(tmp_path):
     (out / "gpu.json").write_text((out / "gpu-tiny.json").read_text())  # the report's gpu section, from the check
     report = render(out).read_text()
     assert f"Machine: {machine()['cpu']} ({machine()['cpu_id']}), " in report
-    for title in ("Encoder cost", "Quantized T5-XXL", "Service overhead", "Throughput", "Prompt-embedding cache", "Trainer", "startup",
-                  "GPU"):
+    for title in ("Encoder cost", "Quantized T5-XXL", "Service overhead", "Throughput", "Prompt-embedding cache",
+                  "Trainer", "Miniature world", "startup", "GPU"):
         assert title in report
     assert (out / "encoders.png").exists() and (out / "throughput.png").exists()
     assert "MISS" in result.stdout or "met" in result.stdout
