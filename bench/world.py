@@ -47,11 +47,11 @@ def run(tiny: bool = False) -> dict:
 
     def per_step(precision: str, work: Path) -> float:
         """One run of the trainer's loop; the median interval between its denoiser calls (a whole step each)."""
+        config = WorldConfig(steps=steps, checkpoint_every=10**9, precision=precision, **shape)
         torch.manual_seed(2)
-        transformer = build_transformer(WorldConfig(precision=precision, **shape))
+        transformer = build_transformer(config)
         stamps = []
         transformer.register_forward_pre_hook(lambda module, args: stamps.append(time.perf_counter()))
-        config = WorldConfig(steps=steps, checkpoint_every=10**9, precision=precision, **shape)
         train_denoiser(transformer, vae, teacher, tokenizer, config, 0, work / "log.jsonl", work)
         return statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:]))  # the first step warms up
 
