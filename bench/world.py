@@ -63,14 +63,14 @@ def run(tiny: bool = False) -> dict:
     rows = [{"precision": p, "s_per_step": statistics.median(seconds[p]), "runs": [round(x, 3) for x in seconds[p]]}
             for p in PRECISIONS]
     speedup = rows[0]["s_per_step"] / rows[1]["s_per_step"]
-    config = WorldConfig(**shape)
+    config, hardware = WorldConfig(**shape), bf16_hardware()
     record = {
         "command": "python -m bench run world" + (" --tiny" if tiny else ""),
         "setting": f"`train_denoiser` at {config.heads} heads, batch {config.batch}: the median interval between "
                    f"the denoiser's calls over {steps} steps (the first left out), {rounds} runs of each precision "
                    f"alternating, "
-                   f"{threads} threads; bfloat16 in hardware: {bf16_hardware() or 'no'}",
-        "bf16_hardware": bf16_hardware(), "threads": threads, "rows": rows, "bfloat16_speedup": speedup,
+                   f"{threads} threads; bfloat16 in hardware: {hardware or 'no'}",
+        "bf16_hardware": hardware, "threads": threads, "rows": rows, "bfloat16_speedup": speedup,
         "targets": [target("float32 / bfloat16 seconds per step", speedup, ">=", 1, "x")],
     }
     save("world", record)
