@@ -20,20 +20,11 @@ from bench.common import save, target
 PRECISIONS = ("float32", "bfloat16")
 
 
-def bf16_hardware(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
-    """The CPU flags that give bfloat16 arithmetic in hardware, or None."""
-    try:
-        flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags"))
-                    .partition(":")[2].split())
-    except (OSError, StopIteration):
-        return None
-    return ", ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags) or None
-
-
 def run(tiny: bool = False) -> dict:
     import torch
 
     from service.models.demo import build_t5_tokenizer, build_teacher
+    from service.models.devices import bf16_arithmetic
     from trainer.world.train import TEACHER, WorldConfig, build_transformer, build_vae, local_attention
     from trainer.world.train import train_denoiser
 
@@ -63,7 +54,7 @@ def run(tiny: bool = False) -> dict:
     rows = [{"precision": p, "s_per_step": statistics.median(seconds[p]), "runs": [round(x, 3) for x in seconds[p]]}
             for p in PRECISIONS]
     speedup = rows[0]["s_per_step"] / rows[1]["s_per_step"]
-    config, hardware = WorldConfig(**shape), bf16_hardware()
+    config, hardware = WorldConfig(**shape), bf16_arithmetic(torch.device("cpu"))
     record = {
         "command": "python -m bench run world" + (" --tiny" if tiny else ""),
         "setting": f"`train_denoiser` at {config.heads} heads, batch {config.batch}: the median interval between "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from service.errors import ConfigError
@@ -27,6 +29,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
+
+
+def bf16_arithmetic(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """What gives `device` bfloat16 arithmetic in hardware (a CUDA device that supports it; a CPU with AVX-512 BF16
+    or AMX), or None where bfloat16 is emulated: slower than float32 there, not faster."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device) if torch.cuda.is_bf16_supported() else None
+    try:
+        flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags"))
+                    .partition(":")[2].split())
+    except (OSError, StopIteration):
+        return None
+    return ", ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags) or None
 
 
 def set_threads(threads: int) -> None:

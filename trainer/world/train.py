@@ -44,7 +44,7 @@ from transformers import CLIPTextModel, T5EncoderModel
 from service.errors import ConfigError
 from service.models.demo import T5Size, _clip_config, build_clip_tokenizer, build_student, build_t5_tokenizer
 from service.models.demo import build_teacher
-from service.models.devices import resolve_device
+from service.models.devices import bf16_arithmetic, resolve_device
 from service.models.registry import auto_route, quantized_teacher_entries
 from trainer.checkpoint import load_optimizer, save_optimizer
 from trainer.world.captions import training_scene
@@ -317,6 +317,10 @@ def train_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), *, see
     work.mkdir(parents=True, exist_ok=True)
     log = out / "train_log.jsonl"
     _log(log, stage="start", seed=seed, config=asdict(config), device=str(where))
+    if config.precision == "bfloat16" and bf16_arithmetic(where) is None:
+        _log(log, stage="warning", message=f"--precision bfloat16 on {where}, which has no bfloat16 arithmetic (no "
+             "avx512_bf16 or amx_bf16): autocast emulates it, several times slower a step than float32 "
+             "(docs/benchmarks.md, \"Miniature world\"); --precision float32 trains faster here")
 
     # 1. Tokenizers, the frozen teacher T5 and the null CLIP.
     t5_tokenizer, clip_tokenizer = build_t5_tokenizer(), build_clip_tokenizer()

@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from service.models.devices import bf16_arithmetic
 from trainer.world.captions import is_novel, novel_prompts, parse, training_scene
 from trainer.world.prompts import write_prompts
 from trainer.world.train import batch
@@ -162,6 +163,10 @@ def test_bfloat16_training_is_recorded_changes_the_arithmetic_and_a_resume_in_fl
     fast, full = _train(tmp_path / "run", "--precision", "bfloat16"), _train(tmp_path / "full")
     assert fast.returncode == 0 and full.returncode == 0, (fast.stderr + full.stderr)[-2000:]
     assert json.loads((tmp_path / "run/work/denoiser/state.json").read_text())["recipe"]["precision"] == "bfloat16"
+    # where this CPU emulates bfloat16, the run says so (and that float32 is faster); where it has it, it does not
+    emulated = bf16_arithmetic(torch.device("cpu")) is None
+    assert ("has no bfloat16 arithmetic" in fast.stdout) == emulated, fast.stdout[-2000:]
+    assert "has no bfloat16 arithmetic" not in full.stdout
     # the same seed and batches: finite weights that moved differently from the float32 run's
     bf16, fp32 = (load_file(tmp_path / d / "work/denoiser/transformer.safetensors") for d in ("run", "full"))
     assert all(torch.isfinite(t).all() for t in bf16.values())
