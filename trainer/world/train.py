@@ -318,9 +318,9 @@ def train_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), *, see
     log = out / "train_log.jsonl"
     _log(log, stage="start", seed=seed, config=asdict(config), device=str(where))
     if config.precision == "bfloat16" and bf16_arithmetic(where) is None:
-        _log(log, stage="warning", message=f"--precision bfloat16 on {where}, which has no bfloat16 arithmetic (no "
-             "avx512_bf16 or amx_bf16): autocast emulates it, several times slower a step than float32 "
-             "(docs/benchmarks.md, \"Miniature world\"); --precision float32 trains faster here")
+        _log(log, stage="warning", message=f"--precision bfloat16 on {where}, which has no bfloat16 arithmetic (a CPU "
+             "needs avx512_bf16 or amx_bf16, a GPU bfloat16 support): autocast emulates it, several times slower a "
+             "step than float32 (docs/benchmarks.md, \"Miniature world\"); --precision float32 trains faster here")
 
     # 1. Tokenizers, the frozen teacher T5 and the null CLIP.
     t5_tokenizer, clip_tokenizer = build_t5_tokenizer(), build_clip_tokenizer()
