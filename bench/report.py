@@ -87,8 +87,9 @@ NOTES = {
         "autocast; its weights, optimizer state and EMA stay float32. Each row is the trainer's own loop, data "
         "drawing, VAE encoding and the teacher included, so the ratio is what a whole run gains. Whether it gains "
         "depends on the hardware: a CPU without bfloat16 arithmetic emulates it. On the same host with torch and "
-        "oneDNN held to AVX2 (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m bench run world`, an "
-        "AVX2-only CPU such as Zen 3 imitated; stopped after its first round, 2026-12-05, the distillation beside "
+        "oneDNN held to AVX2 (`BENCH_OUT=/tmp/avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m bench "
+        "run world`, an AVX2-only CPU such as Zen 3 imitated, its record kept out of these figures; stopped after "
+        "its first round, 2026-12-05, the distillation beside "
         "it paused) a step took 2.41 s in float32 and 21.0 s in bfloat16: emulated, bfloat16 is about 9x slower, "
         "so `t2i world train` warns when it is asked for on a device without it. What the arithmetic does to the "
         "kit's accuracy is measured on validation prompts in docs/miniature.md."),
