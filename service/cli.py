@@ -569,13 +569,17 @@ def cmd_world_paper(args: argparse.Namespace) -> None:
     for key in ("max_steps", "prompts", "seeds", "distill_seeds", "batch", "jobs"):
         if getattr(args, key) < 1:
             raise ValidationError(f"`--{key.replace('_', '-')}`={getattr(args, key)} must be at least 1", field=key)
+    for seed in args.distill_seed or []:
+        if seed < 0:
+            raise ValidationError(f"`--distill-seed`={seed} must be at least 0", field="distill_seed")
     torch_setup(args)
     from trainer.world.paper import RUNS, install_students, results_table, run_paper
 
-    runs = tuple(r for r in RUNS if not args.student or r[0] in args.student)
+    runs = tuple((role, mode) for role, mode in RUNS
+                 if (not args.student or role in args.student) and (not args.mode or mode in args.mode))
     if not runs:
-        raise ValidationError(f"`--student` {args.student}: the runs are of {sorted({r[0] for r in RUNS})}",
-                              field="student")
+        raise ValidationError(f"`--student` {args.student} with `--mode` {args.mode}: the runs are "
+                              f"{', '.join('/'.join(r) for r in RUNS)}", field="student")
     sizes, lr = sorted({r[0] for r in RUNS}), {}
     for item in args.lr or []:
         role, _, value = item.partition("=")
@@ -588,9 +592,14 @@ def cmd_world_paper(args: argparse.Namespace) -> None:
                                   "e.g. t5-large=0.0003", field="lr")
         lr[role] = rate
     if args.install and runs != RUNS:
-        raise ValidationError("`--install` replaces every student of the kit: drop `--student`", field="install")
+        raise ValidationError("`--install` replaces every student of the kit: drop `--student` and `--mode`",
+                              field="install")
+    if args.install and args.distill_seed and 0 not in args.distill_seed:
+        raise ValidationError("`--install` takes distillation seed 0's students: add `--distill-seed 0`",
+                              field="install")
     report = run_paper(args.kit, args.output, max_steps=args.max_steps, prompts=args.prompts, seeds=args.seeds,
-                       distill_seeds=args.distill_seeds, runs=runs, batch=args.batch, student_init=args.student_init,
+                       distill_seeds=tuple(dict.fromkeys(args.distill_seed)) if args.distill_seed
+                       else args.distill_seeds, runs=runs, batch=args.batch, student_init=args.student_init,
                        lr=lr, even_kinds=args.even_kinds, jobs=args.jobs)
     print(results_table(report))
     if args.install:
@@ -807,9 +816,14 @@ def build_parser() -> argparse.ArgumentParser:
     wpp.add_argument("--distill-seeds", type=int, default=2,
                      help="distillation seeds per student, to show how much a run varies (default 2); "
                           "--install takes seed 0's")
+    wpp.add_argument("--distill-seed", type=int, action="append", metavar="SEED",
+                     help="only this distillation seed (repeat) instead of 0 to --distill-seeds minus 1: add a seed to "
+                          "a study whose other seeds were read already")
     wpp.add_argument("--student", action="append",
                      help="only the runs of this student size (repeat; e.g. t5-base: step-following and "
                           "embedding-MSE); default: every run")
+    wpp.add_argument("--mode", action="append", choices=("step-following", "embedding-mse"),
+                     help="only the runs of this distillation mode (repeat); default: both")
     wpp.add_argument("--student-init", choices=("local", "random"), default="local",
                      help="the students' start: random weights with the teacher's local attention prior (default, as "
                           "pretrained T5s attend to neighbouring words), or random weights alone")

@@ -2,17 +2,17 @@
 
 Distils students at about 1/4, 1/16 and 1/64 of the teacher encoder's parameters with the project's own trainer
 (step-following vision distillation, preset `miniature`), plus the plain embedding-MSE baseline at the base size, each
-with `distill_seeds` distillation seeds (data order, noise and dropout; the same initial weights: the students'
-untrained start as `t2i world train` makes it, random weights with the local attention prior, or without it with
-`student_init="random"`, whatever students the kit holds now, so that a kit with installed students can be studied
-again), each at its size's learning rate (`LEARNING_RATES`, overridden by `lr`), on a prompt set with each kind a
-quarter of the rows (`even_kinds`: the world has few distinct sign captions, so they repeat; without it, about 1% of
-the set is signs and no student learns to render words); then reads every encoder's images
-with the exact evaluator, each prompt with `seeds` seeds. Writes OUT/results.json, OUT/results.md and OUT/accuracy.png,
-and the distilled students as Hugging Face dirs under OUT/students/ (`t5-base-distilled` is distillation seed 0,
-`t5-base-distilled-seed1` seed 1, and so on; `--install` takes seed 0's, chosen before any result). With `jobs` above
-1 the runs are distilled that many at a time, each in its own process (a GPU host, or a CPU with cores to spare for
-each run's threads); every run is the same as when run alone, from its own seed.
+with `distill_seeds` distillation seeds (0 to `distill_seeds`-1, or those a tuple names; data order, noise and dropout;
+the same initial weights: the students' untrained start as `t2i world train` makes it, random weights with the local
+attention prior, or without it with `student_init="random"`, whatever students the kit holds now, so that a kit with
+installed students can be studied again), each at its size's learning rate (`LEARNING_RATES`, overridden by `lr`), on a
+prompt set with each kind a quarter of the rows (`even_kinds`: the world has few distinct sign captions, so they
+repeat; without it, about 1% of the set is signs and no student learns to render words); then reads every encoder's
+images with the exact evaluator, each prompt with `seeds` seeds. Writes OUT/results.json, OUT/results.md and
+OUT/accuracy.png, and the distilled students as Hugging Face dirs under OUT/students/ (`t5-base-distilled` is
+distillation seed 0, `t5-base-distilled-seed1` seed 1, and so on; `--install` takes seed 0's, chosen before any
+result). With `jobs` above 1 the runs are distilled that many at a time, each in its own process (a GPU host, or a CPU
+with cores to spare for each run's threads); every run is the same as when run alone, from its own seed.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def run_name(role: str, mode: str, distill_seed: int) -> str:
 
 
 def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 6000, prompts: int = 200, seeds: int = 2,
-              distill_seeds: int = 2, runs: tuple[tuple[str, str], ...] = RUNS, batch: int = 1,
+              distill_seeds: int | tuple[int, ...] = 2, runs: tuple[tuple[str, str], ...] = RUNS, batch: int = 1,
               student_init: str = "local", lr: dict[str, float] | None = None, even_kinds: bool = True,
               jobs: int = 1, show_progress: bool = True) -> dict:
     kit, out = Path(kit).resolve(), Path(out_dir).resolve()
@@ -70,7 +70,7 @@ def run_paper(kit: str | Path, out_dir: str | Path, *, max_steps: int = 6000, pr
     untrained = write_untrained_students(out / "untrained", build_t5_tokenizer(), init=student_init)
     configs: dict[str, DistillConfig] = {}
     made_by: dict[str, dict] = {}
-    for distill_seed in range(distill_seeds):
+    for distill_seed in range(distill_seeds) if isinstance(distill_seeds, int) else distill_seeds:
         for role, mode in runs:
             name = run_name(role, mode, distill_seed)
             configs[name] = load_config(DistillConfig, "miniature", [

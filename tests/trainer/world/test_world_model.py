@@ -271,7 +271,8 @@ def test_the_paper_takes_students_already_distilled_with_the_same_settings_and_r
 
 
 def test_runs_distilled_in_parallel_processes_are_the_runs_distilled_one_after_another(tmp_path, capsys):
-    """`--jobs 2`: each run in its own process gives the very student it gives alone, from its own seed."""
+    """`--jobs 2`: each run in its own process gives the very student it gives alone, from its own seed; and a seed
+    asked for alone (`--distill-seed 1`, adding a seed to a study) gives the student it gives beside seed 0."""
     from safetensors.torch import load_file
 
     from trainer.world.paper import run_paper
@@ -286,6 +287,14 @@ def test_runs_distilled_in_parallel_processes_are_the_runs_distilled_one_after_a
         a, b = (load_file(tmp_path / run / "students" / student / "model.safetensors")
                 for run in ("serial", "parallel"))
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), student
+
+    report = run_paper(MINIATURE_KIT.parent, tmp_path / "alone", max_steps=2, prompts=1, seeds=1, distill_seeds=(1,),
+                       runs=runs, show_progress=False)
+    assert [n for n in report if "distilled" in n] == ["t5-small-distilled-seed1"]
+    assert sorted(p.name for p in (tmp_path / "alone" / "students").iterdir()) == ["t5-small-distilled-seed1"]
+    a, b = (load_file(tmp_path / run / "students" / "t5-small-distilled-seed1" / "model.safetensors")
+            for run in ("serial", "alone"))
+    assert all(a[k].equal(b[k]) for k in a)
 
 
 def test_an_outlier_kit_draws_the_same_images_from_embeddings_with_a_few_huge_channels(tmp_path, generator, capsys):
@@ -322,6 +331,19 @@ def test_an_outlier_kit_draws_the_same_images_from_embeddings_with_a_few_huge_ch
 
     assert main(["world", "outliers", "--kit", str(kit), "-o", str(out)]) == 2
     assert "`--output`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["--student", "t5-small", "--mode", "embedding-mse"], "`--student` ['t5-small'] with `--mode` ['embedding-mse']"),
+    (["--distill-seed", "-1"], "`--distill-seed`=-1 must be at least 0"),
+    (["--distill-seed", "1", "--install"], "`--install` takes distillation seed 0's students"),
+    (["--mode", "embedding-mse", "--install"], "drop `--student` and `--mode`"),
+])
+def test_the_paper_refuses_runs_it_cannot_make_before_distilling(tmp_path, capsys, args, field):
+    from service.cli import main
+
+    assert main(["world", "paper", "--kit", str(MINIATURE_KIT.parent), "-o", str(tmp_path / "p"), *args]) == 2
+    assert field in capsys.readouterr().err and not (tmp_path / "p").exists()
 
 
 @pytest.mark.parametrize("bad", ["t5-huge=0.001", "t5-large=0", "t5-large=fast", "t5-large"])
