@@ -382,7 +382,7 @@ def cmd_world_train(args: argparse.Namespace) -> None:
     from trainer.world.train import WorldConfig, train_world
 
     given = {k: getattr(args, k) for k in ("steps", "vae_steps", "checkpoint_every", "batch", "heads", "layers",
-                                          "single_layers") if getattr(args, k) is not None}
+                                          "single_layers", "warmup") if getattr(args, k) is not None}
     for key, value in given.items():
         if value < 1:
             raise ValidationError(f"`--{key.replace('_', '-')}`={value} must be at least 1", field=key)
@@ -391,6 +391,14 @@ def cmd_world_train(args: argparse.Namespace) -> None:
             raise ValidationError(f"`--timestep-mean`={args.timestep_mean} must be within [-3, 3]",
                                   field="timestep_mean")
         given["timestep_mean"] = args.timestep_mean
+    if args.lr is not None:
+        if not 0.0 < args.lr < 1.0:
+            raise ValidationError(f"`--lr`={args.lr} must be above 0 and below 1", field="lr")
+        given["lr"] = args.lr
+    if args.ema is not None:
+        if not 0.0 <= args.ema < 1.0:
+            raise ValidationError(f"`--ema`={args.ema} must be within [0, 1)", field="ema")
+        given["ema"] = args.ema
     if args.mix is not None:
         given["mix"] = _caption_mix(args.mix)
     if args.teacher is not None:
@@ -398,7 +406,8 @@ def cmd_world_train(args: argparse.Namespace) -> None:
     if args.precision is not None:
         given["precision"] = args.precision
     config = WorldConfig(**given)
-    out = train_world(args.output, config, seed=args.seed, denoiser_dtype=args.denoiser_dtype, device=args.device)
+    out = train_world(args.output, config, seed=args.seed, denoiser_dtype=args.denoiser_dtype, device=args.device,
+                      start=args.start)
     print(f"wrote the miniature world's model kit to {out}; use it with T2I_MODELS_FILE={out / 'models.yaml'}")
 
 
@@ -732,6 +741,15 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("-o", "--output", required=True, help="kit directory to write")
     wt.add_argument("--vae-steps", type=int, help="VAE training steps (default 1500)")
     wt.add_argument("--steps", type=int, help="denoiser training steps (default 5000)")
+    wt.add_argument("--from", dest="start", metavar="KIT",
+                    help="a second stage: go on from this kit's denoiser (with its VAE and teacher) for --steps more "
+                         "steps, its own warm-up and cosine decay from --lr, on --mix; the new kit has no ControlNet "
+                         "and untrained students")
+    wt.add_argument("--lr", type=float, help="the denoiser's peak learning rate (default 0.001)")
+    wt.add_argument("--warmup", type=int, help="the denoiser's learning-rate warm-up in steps (default 200)")
+    wt.add_argument("--ema", type=float,
+                    help="decay of the EMA of the denoiser's weights that the kit stores (default 0.999; 0 stores "
+                         "the trained weights themselves)")
     wt.add_argument("--batch", type=int, help="denoiser training batch (default 64)")
     wt.add_argument("--checkpoint-every", type=int,
                     help="steps between checkpoints in DIR/work (default 250); rerun the same command to resume")

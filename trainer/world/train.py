@@ -2,6 +2,7 @@
 
     t2i world train -o kit --threads 1          # the default budget: about 2 h on one CPU core, in the background
     t2i world train -o kit --steps 1000 --vae-steps 300      # a quick look
+    t2i world train -o kit2 --from kit --steps 1000 --lr 3e-4 --mix single=1      # a second stage from kit's denoiser
 
 It writes a complete model kit: DIR/pipelines/flux (a real diffusers FluxPipeline: FluxTransformer2DModel +
 AutoencoderKL + FlowMatchEulerDiscreteScheduler, and a null CLIP), DIR/encoders/t5-xxl (the teacher T5, frozen and
@@ -25,6 +26,8 @@ weights. Training never sees the held-out combinations of `captions.is_novel`.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -41,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5EncoderModel
 
-from service.errors import ConfigError
+from service.errors import ConfigError, ValidationError
 from service.models.demo import T5Size, _clip_config, build_clip_tokenizer, build_student, build_t5_tokenizer
 from service.models.demo import build_teacher
 from service.models.devices import bf16_arithmetic, resolve_device
@@ -68,14 +71,15 @@ class WorldConfig:
     latent_channels: int = 4
     vae_steps: int = 1500
     vae_batch: int = 32
+    vae_lr: float = 1e-3
     layers: int = 2  # FLUX double-stream blocks
     single_layers: int = 4
     heads: int = 8  # of 32 dims each (the shipped kit's; the two earlier kits had 4, docs/miniature.md)
     steps: int = 5000
     batch: int = 64
-    lr: float = 1e-3
+    lr: float = 1e-3  # the denoiser's peak learning rate
     warmup: int = 200
-    ema: float = 0.999
+    ema: float = 0.999  # the kit's denoiser is this EMA of its weights; 0 keeps the trained weights themselves
     checkpoint_every: int = 250
     # Location of the logit-normal training timesteps (0: centred on sigma 0.5, as FLUX and SD3 train). Above 0 trains
     # more at high noise, where an image's layout (how many objects, which where) is decided.
@@ -90,6 +94,9 @@ class WorldConfig:
     # weights, optimizer state and EMA stay float32). bfloat16 is faster on a CPU with AVX-512 BF16 or AMX and on a
     # GPU, and slower where the CPU must emulate it (AVX2 only).
     precision: str = "float32"
+    # Where the denoiser starts: None from random weights; otherwise a digest of a kit's denoiser weights, for a second
+    # stage that goes on from that kit's denoiser, VAE and teacher (`t2i world train --from KIT`).
+    start: str | None = None
 
     @property
     def latent_size(self) -> int:
@@ -106,7 +113,8 @@ class WorldConfig:
         """What a resumed run must keep besides the architecture for its steps to follow the same objective (the
         step budget may grow: its schedule is cosine over the new budget)."""
         return {"timestep_mean": self.timestep_mean, "mix": dict(self.mix), "teacher": self.teacher,
-                "batch": self.batch, "precision": self.precision}
+                "batch": self.batch, "precision": self.precision, "lr": self.lr, "warmup": self.warmup,
+                "ema": self.ema, "start": self.start}
 
 
 def batch(rng: random.Random, n: int, mix: dict[str, float] = KIND_WEIGHTS) -> tuple[torch.Tensor, list[str]]:
@@ -178,7 +186,7 @@ def _draw(seed: int, stage: int, step: int) -> tuple[random.Random, torch.Genera
 
 def train_vae(vae: AutoencoderKL, config: WorldConfig, seed: int, log: Path) -> None:
     device = vae.device
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
     start = time.monotonic()
     vae.train()
     for step in range(1, config.vae_steps + 1):
@@ -305,18 +313,54 @@ def write_untrained_students(directory: Path, tokenizer, seed: int = 0, init: st
     return paths
 
 
+def start_of(kit: str | Path, config: WorldConfig) -> tuple[Path, str]:
+    """A kit a second stage starts from (`t2i world train --from KIT`): its pipeline dir, after checking it has a
+    denoiser of `config`'s architecture, a VAE and a teacher; and the digest of its denoiser's weights, which the
+    stage records so that a resume from another start is refused."""
+    flux = Path(kit) / "pipelines" / "flux"
+    for part in (flux / "transformer", flux / "vae", Path(kit) / "encoders" / TEACHER.role):
+        if not (part / "config.json").is_file():
+            raise ValidationError(f"`--from` {kit}: no {part.relative_to(kit)} (a kit from `t2i world train` has one)",
+                                  field="from")
+    found = json.loads((flux / "transformer" / "config.json").read_text())
+    built = build_transformer(config).config
+    for name, flag in (("num_attention_heads", "heads"), ("num_layers", "layers"),
+                       ("num_single_layers", "single_layers"), ("in_channels", "latent_channels")):
+        if found.get(name) != built[name]:
+            raise ValidationError(f"`--from` {kit}: its denoiser has {name}={found.get(name)}, and this run asks "
+                                  f"for {built[name]}: give the kit's `--{flag.replace('_', '-')}`", field=flag)
+    weights = sorted((flux / "transformer").glob("*.safetensors"))
+    digest = hashlib.sha256()
+    for path in weights:
+        with open(path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return flux, digest.hexdigest()[:16]
+
+
 def train_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), *, seed: int = 0,
-                denoiser_dtype: str = "float16", device: str = "auto") -> Path:
+                denoiser_dtype: str = "float16", device: str = "auto", start: str | Path | None = None) -> Path:
     """Train (or resume) the world and write its kit. `denoiser_dtype` is how the kit stores the denoiser's
     weights (float16 halves its bytes); it trains in float32 either way, and the service loads it in the models
     file's dtype. `device` is where it trains (`auto`: the first CUDA device when there is one, else the CPU); every
-    model is made and seeded on the CPU and moved there, and the kit is written from the CPU."""
+    model is made and seeded on the CPU and moved there, and the kit is written from the CPU.
+
+    `start`, a kit, makes this run a second stage: its denoiser goes on from that kit's (for `config.steps` more
+    steps, warm-up and cosine decay from `config.lr`, on `config.mix`), with that kit's VAE and teacher, and `seed`
+    draws the stage's batches and noise. The new kit has no ControlNet (one is trained against its denoiser) and
+    untrained students."""
     where = resolve_device(device)
     out = Path(out_dir)
+    if start is not None:
+        if out.resolve() == Path(start).resolve():
+            raise ValidationError(f"`--from` {start} is the output directory: a second stage writes a new kit",
+                                  field="from")
+        flux, digest = start_of(start, config)
+        config = dataclasses.replace(config, start=digest)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     log = out / "train_log.jsonl"
-    _log(log, stage="start", seed=seed, config=asdict(config), device=str(where))
+    _log(log, stage="start", seed=seed, config=asdict(config), device=str(where),
+         **({"from": str(start)} if start is not None else {}))
     if config.precision == "bfloat16" and bf16_arithmetic(where) is None:
         _log(log, stage="warning", message=f"--precision bfloat16 on {where}, which has no bfloat16 arithmetic (a CPU "
              "needs avx512_bf16 or amx_bf16, a GPU bfloat16 support): autocast emulates it, several times slower a "
@@ -324,23 +368,33 @@ def train_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), *, see
 
     # 1. Tokenizers, the frozen teacher T5 and the null CLIP.
     t5_tokenizer, clip_tokenizer = build_t5_tokenizer(), build_clip_tokenizer()
-    teacher = build_teacher(t5_tokenizer, seed, size=TEACHER).requires_grad_(False)
-    if config.teacher == "local":
-        local_attention(teacher)
+    if start is not None:  # the start kit's teacher, which its denoiser learnt to read
+        teacher = T5EncoderModel.from_pretrained(Path(start) / "encoders" / TEACHER.role).requires_grad_(False)
+    else:
+        teacher = build_teacher(t5_tokenizer, seed, size=TEACHER).requires_grad_(False)
+        if config.teacher == "local":
+            local_attention(teacher)
     teacher.to(where)
     clip = null_clip(clip_tokenizer)
 
-    # 2. The VAE (trained once, then kept in WORK/vae), then the denoiser conditioned on the teacher.
+    # 2. The VAE (trained once, then kept in WORK/vae; a second stage's is its start kit's), then the denoiser
+    # conditioned on the teacher.
     if (work / "vae" / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(work / "vae").eval().requires_grad_(False).to(where)
+    elif start is not None:
+        vae = AutoencoderKL.from_pretrained(flux / "vae").eval().requires_grad_(False).to(where)
+        vae.save_pretrained(work / "vae")
     else:
         torch.manual_seed(seed + 1)
         vae = build_vae(config).to(where)
         train_vae(vae, config, seed, log)
         vae.save_pretrained(work / "vae")
     torch.manual_seed(seed + 2)
-    transformer = train_denoiser(build_transformer(config).to(where), vae, teacher, t5_tokenizer, config, seed,
-                                 log, work).cpu()
+    if start is not None:
+        initial = FluxTransformer2DModel.from_pretrained(flux / "transformer", torch_dtype=torch.float32)
+    else:
+        initial = build_transformer(config)
+    transformer = train_denoiser(initial.to(where), vae, teacher, t5_tokenizer, config, seed, log, work).cpu()
     vae, teacher = vae.cpu(), teacher.cpu()
 
     # 3. The kit: the pipeline, the teacher, untrained students, the models file.

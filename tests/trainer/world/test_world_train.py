@@ -148,7 +148,8 @@ def test_the_timestep_location_is_recorded_and_a_resume_with_another_is_refused(
     assert shifted.returncode == 0, shifted.stderr[-2000:]
     recipe = json.loads((tmp_path / "run/work/denoiser/state.json").read_text())["recipe"]
     assert recipe == {"timestep_mean": 0.8, "mix": {"single": 0.15, "count": 0.45, "relation": 0.25, "text": 0.15},
-                      "teacher": "local", "batch": 64, "precision": "float32"}  # the shipped kit's
+                      "teacher": "local", "batch": 64, "precision": "float32", "lr": 0.001, "warmup": 200,
+                      "ema": 0.999, "start": None}  # the shipped kit's first stage
     assert yaml.safe_load((tmp_path / "run/models.yaml").read_text())["pipelines"]["flux"]["true_cfg_scale"] == 1.0
     other = _train(tmp_path / "run")  # the default, 1.0
     assert other.returncode == 2 and "timestep_mean=0.8" in other.stderr and "timestep_mean=1.0" in other.stderr, \
@@ -232,3 +233,46 @@ def test_untrained_students_start_with_the_local_attention_prior_or_without_it(t
         heads = a[key].shape[1]
         assert [a[key][:, h].argmax().item() for h in range(min(heads, 2))] == [1, 17], role  # previous, next
         assert a[key].max() > 9 and b[key].abs().max() < 5, role
+
+
+def test_a_second_stage_goes_on_from_a_kit_records_its_start_and_refuses_what_does_not_fit(tmp_path):
+    import json
+
+    first = _train(tmp_path / "first")
+    assert first.returncode == 0, first.stderr[-2000:]
+    stage = ("--from", str(tmp_path / "first"), "--lr", "1e-9", "--warmup", "1", "--mix", "single=1", "--ema", "0")
+    second = _train(tmp_path / "second", *stage)
+    assert second.returncode == 0, second.stderr[-2000:]
+    # it starts from the first kit's denoiser (at a learning rate of 1e-9 its weights stay there, to float16), with
+    # the first kit's VAE and teacher; a ControlNet is not carried over (one is trained against its denoiser)
+    for part in ("pipelines/flux/transformer/diffusion_pytorch_model.safetensors",
+                 "pipelines/flux/vae/diffusion_pytorch_model.safetensors", "encoders/t5-xxl/model.safetensors"):
+        a, b = (load_file(tmp_path / d / part) for d in ("first", "second"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    fresh = load_file(tmp_path / "first/work/denoiser/transformer.safetensors")
+    went_on = load_file(tmp_path / "second/work/denoiser/transformer.safetensors")
+    assert any(not torch.equal(fresh[k], went_on[k]) for k in fresh)  # it did train: float32 moved by ~1e-9
+    assert (tmp_path / "second/models.yaml").is_file() and not (tmp_path / "second/controlnets").exists()
+    recipe = json.loads((tmp_path / "second/work/denoiser/state.json").read_text())["recipe"]
+    assert len(recipe["start"]) == 16 and recipe["lr"] == 1e-9 and recipe["mix"] == {"single": 1.0}
+    assert recipe["ema"] == 0.0
+    assert json.loads((tmp_path / "second/train_log.jsonl").read_text().splitlines()[0])["from"] == \
+        str(tmp_path / "first")
+    # a rerun without the start, or at another rate, is not the same stage
+    alone = _train(tmp_path / "second", *stage[2:])
+    assert alone.returncode == 2 and f"start={recipe['start']}" in alone.stderr and "start=None" in alone.stderr, \
+        alone.stderr[-2000:]
+    faster = _train(tmp_path / "second", *stage[:2], "--lr", "1e-4", *stage[4:])
+    assert faster.returncode == 2 and "lr=1e-09" in faster.stderr and "lr=0.0001" in faster.stderr, \
+        faster.stderr[-2000:]
+    for extra, says in ((("--from", str(tmp_path / "none")), "`--from` " + str(tmp_path / "none")
+                         + ": no pipelines/flux/transformer"),
+                        (("--from", str(tmp_path / "first"), "--heads", "2"), "num_attention_heads=8, and this run "
+                         "asks for 2: give the kit's `--heads`"),
+                        (("--lr", "0"), "`--lr`=0.0 must be above 0 and below 1"),
+                        (("--ema", "1"), "`--ema`=1.0 must be within [0, 1)"),
+                        (("--warmup", "0"), "`--warmup`=0 must be at least 1")):
+        refused = _train(tmp_path / "refused", *extra)
+        assert refused.returncode == 2 and says in refused.stderr, (extra, refused.stderr[-2000:])
+    same = _train(tmp_path / "first", "--from", str(tmp_path / "first"))
+    assert same.returncode == 2 and "is the output directory" in same.stderr, same.stderr[-2000:]
