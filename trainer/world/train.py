@@ -323,12 +323,13 @@ def start_of(kit: str | Path, config: WorldConfig) -> tuple[Path, str]:
             raise ValidationError(f"`--from` {kit}: no {part.relative_to(kit)} (a kit from `t2i world train` has one)",
                                   field="from")
     found = json.loads((flux / "transformer" / "config.json").read_text())
-    built = build_transformer(config).config
-    for name, flag in (("num_attention_heads", "heads"), ("num_layers", "layers"),
-                       ("num_single_layers", "single_layers"), ("in_channels", "latent_channels")):
-        if found.get(name) != built[name]:
+    asked = {"num_attention_heads": ("heads", config.heads), "num_layers": ("layers", config.layers),
+             "num_single_layers": ("single_layers", config.single_layers),
+             "in_channels": ("latent_channels", 4 * config.latent_channels)}  # as `build_transformer` makes them
+    for name, (flag, value) in asked.items():
+        if found.get(name) != value:
             raise ValidationError(f"`--from` {kit}: its denoiser has {name}={found.get(name)}, and this run asks "
-                                  f"for {built[name]}: give the kit's `--{flag.replace('_', '-')}`", field=flag)
+                                  f"for {value}: give the kit's `--{flag.replace('_', '-')}`", field=flag)
     weights = sorted((flux / "transformer").glob("*.safetensors"))
     digest = hashlib.sha256()
     for path in weights:
