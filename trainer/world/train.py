@@ -26,14 +26,13 @@ weights. Training never sees the held-out combinations of `captions.is_novel`.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -356,7 +355,7 @@ def train_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), *, see
             raise ValidationError(f"`--from` {start} is the output directory: a second stage writes a new kit",
                                   field="from")
         flux, digest = start_of(start, config)
-        config = dataclasses.replace(config, start=digest)
+        config = replace(config, start=digest)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     log = out / "train_log.jsonl"
