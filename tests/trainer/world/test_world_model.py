@@ -41,10 +41,11 @@ def test_the_teacher_draws_single_objects(generator):
     prompts = single_prompts(24, seed=20_000)
     report = encoder_accuracy(generator, "flux", "t5-xxl", prompts, details=True)
     acc = report["attributes"]
-    # Reduced thresholds of the documented figures (docs/miniature.md: colour 99.8-100%, position 99-99.5%, shape 98%,
-    # every attribute 96% of never-seen single prompts), on 24 fixed held-out prompts: at most 1, 1 and 1 misses, 2
-    # images wrong (the shipped kit: none wrong; the kit before it: 1 image wrong, a small circle drawn large).
+    # Reduced thresholds of the documented figures (docs/miniature.md: colour 99.8-100%, position 99.3-99.5%, shape
+    # 98-98.7%, size 98-98.8%, every attribute 97% of never-seen single prompts), on 24 fixed held-out prompts (10 of
+    # them state a size): at most 1, 1, 1 and 1 misses, 2 images wrong (the shipped kit: none wrong, as the kit before).
     assert acc["color"] >= 0.95 and acc["position"] >= 0.95 and acc["shape"] >= 0.95, acc
+    assert acc["size"] >= 0.9, acc
     assert report["criteria"]["semantics"] >= 0.9, report["criteria"]
     # The per-image details agree with the figures: one row per image, and as many wrong colours as the rate says.
     rows = report["images"]
